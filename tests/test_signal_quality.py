@@ -57,14 +57,19 @@ def brute_force_rho(
     return np.array(out)
 
 
+@pytest.mark.parametrize("positions", [None, 10**6], ids=["convolved", "gathered"])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_closed_form_matches_brute_force(kind):
+def test_closed_form_matches_brute_force(kind, positions):
+    """Both split-3 paths: one convolution over every position, or gathered patch columns
+    (``max_positions`` at least the number of positions: every patch, in another order)."""
     torch.manual_seed(0)
     layer = LAYERS[kind]().double()
     generator = torch.Generator().manual_seed(1)
     x1, x2, x3 = (_inputs(layer, n, generator) for n in (40, 30, 30))
     patterns = PatternFitter(layer).fit([x1])
-    result = signal_quality(layer, patterns, [x2], [x3], ridge=1e-11, seed=5)
+    result = signal_quality(
+        layer, patterns, [x2], [x3], ridge=1e-11, seed=5, max_positions=positions
+    )
     weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     draws = torch.Generator().manual_seed(5)  # the random estimator's draws, in order
     for estimator in ESTIMATORS:

@@ -27,13 +27,15 @@ neuron), ``G = A⁻¹U`` and ``K = UᵀG``, Woodbury's identity gives
     v = G (I + M K)⁻¹ β,
 
 a 4×4 solve per neuron.  Split 2 needs ``Σ x``, ``Σ x xᵀ``, ``Σ x u``,
-``Σ x t`` and scalar sums; split 3 only ``vᵀx`` (one convolution with the
-stacked ``v`` of all neurons and estimators) and scalar sums.
+``Σ x t`` and scalar sums; split 3 only ``vᵀd = (v − (vᵀa₋)·w)ᵀx − α·u``
+with ``α = vᵀa₊ − vᵀa₋`` (one convolution with the stacked maps of all neurons
+and estimators, or one matmul on sampled patches) and scalar sums.
 
 Cost and memory per layer with patch size ``D`` (``C_in/groups · kernel``) and
-``O`` neurons: the split-2 pass builds the patches (in chunks of about
-128 MiB) and adds ``PᵀP``: ``D/O`` times the layer's forward cost per
-position used, hence ``max_positions``.  The accumulators take
+``O`` neurons: the split-2 pass builds the patches (in chunks of 8 MiB) and
+adds ``PᵀP``: ``D/O`` times the layer's forward cost per position used, and
+the split-3 pass convolves with ``4·O`` maps for the four estimators, hence
+``max_positions``.  The accumulators take
 ``8·D²`` bytes per group (float64) plus ``16·D·O``; the solve another
 ``8·D²`` (the factor) and ``7·8·D`` per neuron in chunks: seven right-hand
 sides per neuron for the four estimators (``c_u``, ``c_t``, the random, filter
@@ -67,7 +69,9 @@ __all__ = ["ESTIMATORS", "SignalQuality", "estimator_patterns", "rho_means", "si
 #: The estimators of Fig. 3: random directions, the filter S_w, S_a, S_a+-.
 ESTIMATORS: tuple[str, ...] = ("random", "filter", "linear", "two_component")
 
-_CHUNK_ELEMENTS = 1 << 25  # elements per patch/score chunk (128 MiB in float32)
+# elements per patch/score chunk: 8 MiB in float32 stays below glibc's mmap threshold,
+# so the buffers are reused instead of page-faulted in afresh (4× faster than 128 MiB)
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def estimator_patterns(
@@ -178,8 +182,10 @@ class _LayerQuality:
         # solution and split 3
         self.estimators: list[str] = []
         self.v: Tensor | None = None  # (E, O, D)
-        self.v_dot_a: Tensor | None = None  # (2, E, O): vᵀa₊, vᵀa₋
-        self.eval_ref: Tensor | None = None
+        self.v_eval: Tensor | None = None  # (E, O, D): v − (vᵀa₋)·w
+        self.alpha: Tensor | None = None  # (E, O): vᵀa₊ − vᵀa₋
+        self.eval_offset: Tensor | None = None  # (E, O): split-2 mean of (v − (vᵀa₋)·w)ᵀx − α·u
+        self.mean_y: Tensor | None = None  # (O,): split-2 mean of y
         self.eval_sums: Tensor | None = None  # n, Σy, Σy², Σs, Σs², Σys over (E, O)
 
     # ------------------------------------------------------------- samples
@@ -215,7 +221,11 @@ class _LayerQuality:
         if subsample and self.max_positions is not None and self.max_positions < positions:
             # a random subset of positions per image: gather only those patches
             count = self.max_positions
-            pick = torch.rand(n, positions, generator=self.generator).argsort(1)[:, :count]
+            pick = (
+                torch.rand(n, positions, generator=self.generator)
+                .topk(count, 1, largest=False)
+                .indices
+            )
             pick = pick.to(x.device)
             keep = (pick + positions * torch.arange(n, device=x.device)[:, None]).flatten()
             padded = padded.contiguous()
@@ -350,25 +360,52 @@ class _LayerQuality:
             width = 2 + len(sources)
             # neurons in chunks: the right-hand sides take 8·D·width bytes per neuron
             step = max(1, _CHUNK_ELEMENTS // (D * width))
+            eye = torch.eye(4, dtype=torch.float64, device=device)
             for lo in range(0, Og, step):
                 hi = min(Og, lo + step)
-                columns = [c_u.T[lo:hi], c_t.T[lo:hi]]
-                columns += [a[block][lo:hi] for a in sources]
-                rhs = torch.cat(columns, 0).T  # (D, width·k)
-                solved = torch.cholesky_solve(rhs, factor).T.reshape(width, hi - lo, D)
+                # (width, k, D) row-major is the column-major (D, width·k) LAPACK wants
+                rhs = torch.empty(width, hi - lo, D, dtype=torch.float64, device=device)
+                rhs[0], rhs[1] = c_u.T[lo:hi], c_t.T[lo:hi]
+                for j, a in enumerate(sources):
+                    rhs[2 + j] = a[block][lo:hi]
+                solved = torch.cholesky_solve(rhs.view(-1, D).T, factor).T.reshape(rhs.shape)
+                rhs, solved = rhs.transpose(0, 1).contiguous(), solved.transpose(0, 1).contiguous()
+                gram = torch.bmm(rhs, solved.transpose(1, 2))  # (k, width, width): uᵢᵀ A⁻¹ uⱼ
                 for i, (plus, minus) in enumerate(slots):
-                    U = torch.stack([columns[plus], columns[minus], columns[0], columns[1]])
-                    GU = torch.stack([solved[plus], solved[minus], solved[0], solved[1]])
-                    K = torch.einsum("kjd,ljd->jkl", U, GU)
-                    eye = torch.eye(4, dtype=K.dtype, device=device)
+                    index = torch.tensor([plus, minus, 0, 1], device=device)
+                    K = gram.index_select(1, index).index_select(2, index)
                     w = torch.linalg.solve(eye + M[lo:hi] @ K, beta[lo:hi].unsqueeze(-1))
-                    v[i, g * Og + lo : g * Og + hi] = torch.einsum("kjd,jk->jd", GU, w[..., 0])
+                    # v = A⁻¹U·w: weights on the solved right-hand sides (a₊ twice if a₋ = a₊)
+                    weights = torch.zeros(hi - lo, 1, width, dtype=torch.float64, device=device)
+                    weights[:, 0].index_add_(1, index, w[..., 0])
+                    v[i, g * Og + lo : g * Og + hi] = torch.bmm(weights, solved)[:, 0]
         a_plus = torch.stack([by_est[e][0] for e in estimators])
         a_minus = torch.stack([by_est[e][1] for e in estimators])
         self.v = v
-        self.v_dot_a = torch.stack([(v * a_plus).sum(-1), (v * a_minus).sum(-1)])
+        self._prepare_eval(v, (v * a_plus).sum(-1), (v * a_minus).sum(-1), weight, mu, mt)
         # the split-2 sums are no longer needed
         self.sum_xx = self.sum_xut = None
+
+    def _prepare_eval(
+        self, v: Tensor, v_a_plus: Tensor, v_a_minus: Tensor, weight: Tensor, mu: Tensor, mt: Tensor
+    ) -> None:
+        """Fold what split 3 needs into one linear map per neuron and estimator.
+
+        ``vᵀd = vᵀx − (vᵀa₊)·u − (vᵀa₋)·t`` with ``t = y − u`` and ``y = wᵀx`` is
+        ``(v − (vᵀa₋)·w)ᵀx − α·u`` with ``α = vᵀa₊ − vᵀa₋``: one convolution (or
+        matmul) and one ``addcmul``.  The split-2 means of ``x`` and ``u`` give
+        an offset that centres it, so float32 sums of split 3 stay accurate.
+        """
+        G, Og, D = self.groups, self.out_per_group, self.dim
+        self.alpha = v_a_plus - v_a_minus  # (E, O)
+        self.v_eval = v - v_a_minus.unsqueeze(-1) * weight  # (E, O, D), weight order
+        k = math.prod(self.geometry.weight_shape[2:])
+        # the split-2 mean of x in the weight's (channel, offset) order
+        reference = self.reference.double().reshape(k, G, D // k).transpose(0, 1)
+        mean = self.sum_x / self.n + reference.transpose(1, 2).reshape(G, D).to(self.sum_x)
+        per_neuron = mean.repeat_interleave(Og, 0)  # (O, D)
+        self.eval_offset = (self.v_eval * per_neuron).sum(-1) - self.alpha * mu  # (E, O)
+        self.mean_y = mu + mt
 
     def _factor(self, cov: Tensor, ridge: float) -> Tensor:
         """Cholesky factor of ``Cov[x] + λI``; λ grows tenfold until it is positive definite.
@@ -388,51 +425,68 @@ class _LayerQuality:
             ridge = max(ridge * 10, 1e-12)
 
     # ---------------------------------------------------------- split 3 sums
-    def _scores(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``vᵀx`` for every estimator and neuron: ``(N, E, O, *out)`` or ``(S, E, O)``."""
-        geo = self.geometry
-        E, G, Og = len(self.estimators), self.groups, self.out_per_group
-        v = self.v.to(x.device, dtype)
-        if geo.spatial_dims == 0:
-            return (x.reshape(-1, x.shape[-1]) @ v.reshape(E * G * Og, -1).T).reshape(-1, E, G * Og)
-        kernel = (G, E, Og, *geo.weight_shape[1:])
-        weight = v.reshape(E, G, Og, -1).transpose(0, 1).reshape(kernel).flatten(0, 2)
-        conv = (F.conv1d, F.conv2d, F.conv3d)[geo.spatial_dims - 1]
-        out = conv(self._padded(x), weight, None, geo.stride, 0, geo.dilation, G)
-        spatial = out.shape[2:]
-        return out.reshape(x.shape[0], G, E, Og, *spatial).transpose(1, 2).flatten(2, 3)
-
     def observe_eval(self, x: Tensor, z: Tensor) -> None:
         geo = self.geometry
         dtype = x.dtype if x.dtype == torch.float64 else torch.float32
         x, z = x.to(dtype), z.to(dtype)
-        per_sample = len(self.estimators) * self.weight.shape[0]
-        if geo.spatial_dims == 0:
-            x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
-            step = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+        E, neurons = self.v_eval.shape[:2]
+        if geo.spatial_dims and self.max_positions is None:
+            step = self._image_chunks(x, E * z[0].numel())
+            for i in range(0, x.shape[0], step):
+                self._eval_convolved(x[i : i + step], z[i : i + step], dtype)
+            return
+        if geo.spatial_dims:
+            per_image = min(self.max_positions, z[0, 0].numel()) * max(E * neurons, self.dim)
+            step = self._image_chunks(x, per_image)
         else:
-            step = self._image_chunks(x, len(self.estimators) * z[0].numel())
+            x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
+            step = max(1, _CHUNK_ELEMENTS // max(1, E * neurons, self.dim))
         for i in range(0, x.shape[0], step):
-            self._add_eval(x[i : i + step], z[i : i + step], dtype)
+            columns, outputs = self._columns(x[i : i + step], z[i : i + step], True, None)
+            self._eval_columns(columns, outputs, dtype)
 
-    def _add_eval(self, x: Tensor, z: Tensor, dtype: torch.dtype) -> None:
-        residual = self._scores(x, dtype)  # vᵀx: (N, E, O, *out) or (S, E, O)
-        extra = (1,) * (residual.dim() - 3)
-        y = z - self.bias.to(z.device, dtype).reshape(-1, *extra)
-        u = torch.where(z > 0, y, 0.0)
-        y, u = y.unsqueeze(1), u.unsqueeze(1)  # (N, 1, O, *out)
-        va = self.v_dot_a.to(z.device, dtype).reshape(2, 1, *self.v_dot_a.shape[1:], *extra)
-        # vᵀd = vᵀx − (vᵀa₊)·u − (vᵀa₋)·t, in place
-        residual.addcmul_(va[0] - va[1], u, value=-1.0).addcmul_(va[1], y, value=-1.0)
-        dims = (0, *range(3, residual.dim()))
-        if self.eval_ref is None:
-            self.eval_ref = (y.mean(dims), residual.mean(dims))
+    def _eval_convolved(self, x: Tensor, z: Tensor, dtype: torch.dtype) -> None:
+        """Split-3 sums over every output position: one convolution for all ``v``."""
+        geo = self.geometry
+        E, G, Og = len(self.estimators), self.groups, self.out_per_group
+        v = self.v_eval.to(x.device, dtype)
+        kernel = v.reshape(E, G, Og, -1).transpose(0, 1).reshape(G, E, Og, *geo.weight_shape[1:])
+        bias = self.eval_offset.to(x.device, dtype).reshape(E, G, Og).transpose(0, 1)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[geo.spatial_dims - 1]
+        out = conv(
+            self._padded(x), kernel.flatten(0, 2), -bias.flatten(), geo.stride, 0, geo.dilation, G
+        )
+        out = out.reshape(x.shape[0], G, E, Og, -1).transpose(1, 2).flatten(2, 3)
+        self._add_eval(out, z.reshape(*z.shape[:2], -1), dims=(0, 3))
+
+    def _eval_columns(self, columns: Tensor, z: Tensor, dtype: torch.dtype) -> None:
+        """Split-3 sums over patch columns ``(K, C, S)`` and outputs ``(O, S)``."""
+        E, G, Og = len(self.estimators), self.groups, self.out_per_group
+        k, c, count = columns.shape
+        v = self.v_eval.to(columns.device, dtype)
+        # the weight's (channel, offset) order to the columns' (offset, channel)
+        v = v.reshape(E, G, Og, c // G, k).transpose(-1, -2).reshape(E, G, Og, -1)
+        out = columns.new_empty(G, E * Og, count)
+        for g in range(G):
+            xg = columns[:, g * (c // G) : (g + 1) * (c // G)].reshape(-1, count)
+            torch.mm(v[:, g].reshape(E * Og, -1), xg, out=out[g])
+        out = out.reshape(G, E, Og, count).transpose(0, 1).reshape(E, G * Og, count)
+        out.sub_(self.eval_offset.to(out).unsqueeze(-1))
+        self._add_eval(out.unsqueeze(0), z.unsqueeze(0), dims=(0, 3))
+
+    def _add_eval(self, residual: Tensor, z: Tensor, dims: tuple[int, ...]) -> None:
+        """Add the sums of ``vᵀd`` (``residual``: ``(N, E, O, P)``, offset-centred
+        ``(v − (vᵀa₋)·w)ᵀx``) and ``y`` (from ``z``: ``(N, O, P)``)."""
+        dtype = residual.dtype
+        y = z - self.bias.to(z.device, dtype)[:, None]
+        u = torch.where(z > 0, y, 0.0).unsqueeze(1)
+        residual.addcmul_(self.alpha.to(u)[..., None], u, value=-1.0)  # vᵀd, centred
+        y = (y - self.mean_y.to(y)[:, None]).unsqueeze(1)
+        if self.eval_sums is None:
             self.eval_sums = torch.zeros(
                 5, *residual.shape[1:3], dtype=torch.float64, device=z.device
             )
             self.eval_n = 0
-        y = y - self.eval_ref[0].reshape(1, *self.eval_ref[0].shape, *extra)
-        residual.sub_(self.eval_ref[1].reshape(1, *self.eval_ref[1].shape, *extra))
         self.eval_n += y.numel() // y.shape[2]
         # float32 sums of centred values per chunk, accumulated in float64
         self.eval_sums += torch.stack(
@@ -550,8 +604,11 @@ def signal_quality(
         The layers to evaluate (default: all with patterns).
     max_positions:
         For convolutions, use at most this many randomly chosen output
-        positions per image to fit ``v`` (the costly part); the correlation
-        always uses every position.
+        positions per image, in both passes: to fit ``v`` (whose ``Σ x xᵀ``
+        costs ``D/O`` forward passes per position) and to measure the
+        correlation (four maps per neuron).  ``None``: every position.  The
+        positions of one image are strongly correlated, so a few per image
+        over many images estimate the same ρ for a fraction of the cost.
     ridge:
         ``λ = ridge · mean(diag Cov[x])`` is added to ``Cov[x]`` (made tenfold
         larger until the Cholesky factorisation succeeds; see
