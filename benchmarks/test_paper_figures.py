@@ -129,7 +129,7 @@ def test_signal_quality_per_layer(setups, results):
     results.add("signal_quality", "ρ per layer and estimator (Fig. 3)", "\n".join(lines), data)
 
 
-def test_rho_time_against_a_fitting_pass(setups, config, results):
+def test_speed_rho_against_a_fitting_pass(setups, config, results):
     """ρ (v pass + solve + evaluation pass) against one fitting pass over the same images."""
     rows, data = [], {}
     for name, s in setups.items():

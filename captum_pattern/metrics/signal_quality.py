@@ -186,7 +186,7 @@ class _LayerQuality:
         self.alpha: Tensor | None = None  # (E, O): vᵀa₊ − vᵀa₋
         self.eval_offset: Tensor | None = None  # (E, O): split-2 mean of (v − (vᵀa₋)·w)ᵀx − α·u
         self.mean_y: Tensor | None = None  # (O,): split-2 mean of y
-        self.eval_sums: Tensor | None = None  # n, Σy, Σy², Σs, Σs², Σys over (E, O)
+        self.eval_sums: Tensor | None = None  # Σy, Σy², Σr, Σr², Σry over (E, O), r = vᵀd
 
     # ------------------------------------------------------------- samples
     def _padded(self, x: Tensor) -> Tensor:
