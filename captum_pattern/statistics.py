@@ -29,7 +29,7 @@ This module knows nothing of ``torch.nn``: the caller computes the batch sums
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -233,6 +233,29 @@ class PatternStatistics:
         self.add(x.shape[0], sums, scalars)
 
     # ----------------------------------------------------------- merge/rebase
+    def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
+        """Sum these statistics with other processes' through ``all_reduce`` (in place).
+
+        The processes first agree on common references (the mean of those that
+        saw samples), re-express their sums around them exactly
+        (:meth:`rebase`), then add the sums.  A layer that no process saw stays
+        empty.
+        """
+        has = torch.tensor(float(self.has_reference), dtype=torch.float64, device=self.device)
+        x_ref, y_ref = self.x_ref * has, self.y_ref * has
+        for t in (has, x_ref, y_ref):
+            all_reduce(t)
+        if float(has) == 0:
+            return  # no process saw this layer
+        x_ref, y_ref = x_ref / has, y_ref / has
+        if self.has_reference:
+            self.rebase(x_ref, y_ref)
+        else:
+            self.set_reference(x_ref, y_ref)
+        for key, value in self.state_dict().items():
+            if key.startswith(("sum.", "scalar.", "mask.")) or key == "n":
+                all_reduce(value)
+
     def rebase(self, x_ref: Tensor, y_ref: Tensor) -> None:
         """Re-express every sum around new references, exactly (float64 algebra)."""
         self._materialize()

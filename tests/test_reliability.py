@@ -265,7 +265,13 @@ def test_keyboard_interrupt_while_saving_a_checkpoint_keeps_the_old_one(tmp_path
     model = nn.Sequential(nn.Linear(3, 2))
     batches = [torch.randn(4, 3) for _ in range(4)]
     ckpt = tmp_path / "fit.ckpt"
-    PatternFitter(model).fit(batches[:2], checkpoint=ckpt, checkpoint_every=2)
+
+    def stop_after_two():
+        yield from batches[:2]
+        raise KeyboardInterrupt  # a completed fit deletes its checkpoint: leave one behind
+
+    with pytest.raises(KeyboardInterrupt):
+        PatternFitter(model).fit(stop_after_two(), checkpoint=ckpt, checkpoint_every=2)
     before = ckpt.read_bytes()
     original = patterns_module.save_file
 

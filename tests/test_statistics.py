@@ -232,7 +232,7 @@ def test_explicit_patches_cover_every_position():
 @pytest.mark.parametrize("make", [CONVS["conv2d-groups3"], CONVS["conv1d-same-even"]])
 def test_zero_padded_layer_merge_and_rebase_are_exact(make):
     """Mask sums (zero padding) must follow merges and rebases too."""
-    from captum_pattern.fitter import _LayerCollector
+    from captum_pattern.collector import LayerCollector as _LayerCollector
 
     layer = make().double()
     keys = required_stats(["relu", "relu_negative", "linear"])
@@ -279,7 +279,7 @@ def test_buffered_flushes_equal_per_batch_flushes():
 
 @pytest.mark.parametrize("make", [CONVS["conv2d-groups3"], CONVS["conv1d-same-even"]])
 def test_solving_in_blocks_of_neurons_changes_nothing(make):
-    from captum_pattern.fitter import _LayerCollector
+    from captum_pattern.collector import LayerCollector as _LayerCollector
 
     layer = make().double()
     keys = required_stats(["relu", "relu_negative", "linear"])
