@@ -170,12 +170,18 @@ class LayerGeometry:
             return list(reversed(self.pad[::2]))
         return [0] * self.spatial_dims
 
-    def _explicit_pad(self, x: Tensor) -> Tensor:
-        if not any(self.pad) or (self.padding_mode == "zeros" and self._symmetric):
+    def padded(self, x: Tensor) -> Tensor:
+        """``x`` with the layer's padding applied (any mode), as the layer sees it."""
+        if not any(self.pad):
             return x
-        if self.padding_mode == "zeros":
-            return F.pad(x, self.pad)
-        return F.pad(x, self.pad, mode=self.padding_mode)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self.pad, mode=mode)
+
+    def _explicit_pad(self, x: Tensor) -> Tensor:
+        """The padding the GEMMs cannot apply themselves (see :attr:`_gemm_padding`)."""
+        if self.padding_mode == "zeros" and self._symmetric:
+            return x
+        return self.padded(x)
 
     def centred_input(self, x: Tensor, x_ref: Tensor, channels_last: bool = False) -> Tensor:
         """``x − c`` per input channel, ready for :meth:`patch_sums`.
