@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import UnsupportedModelError
+from .layers import layer_bias, layer_weight
 from .tap import check_batchnorm, explained_layers, module_hooks
 
 __all__ = [
@@ -152,11 +153,14 @@ def folded_parameters(
     >>> bool(torch.allclose(bn(conv(x)), torch.nn.functional.conv2d(x, w, b), atol=1e-6))
     True
     """
-    dtype = dtype or layer.weight.dtype
-    weight = layer.weight.detach().to(dtype)
-    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    layer_w, layer_b = layer_weight(layer), layer_bias(layer)
+    dtype = dtype or layer_w.dtype
+    weight = layer_w.detach().to(dtype)
+    bias = None if layer_b is None else layer_b.detach().to(dtype)
     if bn is None:
         return weight, bias
+    assert isinstance(bn, _BatchNorm) and bn.running_var is not None
+    assert bn.running_mean is not None
     var = bn.running_var.detach().to(dtype)
     mean = bn.running_mean.detach().to(dtype)
     scale = torch.rsqrt(var + bn.eps)

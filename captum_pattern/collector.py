@@ -170,6 +170,10 @@ class LayerCollector:
             y_sum = yc.sum((0, *range(3, 3 + len(spatial)))).reshape(-1)
         return stacked.reshape(n, -1, *spatial), batch_sum.reshape(-1, *spatial), y_sum
 
+    def release(self) -> None:
+        """Free the accumulators (after they were solved)."""
+        del self.statistics
+
     def clear(self) -> None:
         """Drop the buffered samples (after an error: nothing half-added)."""
         self.buffer.clear()
@@ -184,9 +188,10 @@ class LayerCollector:
         signal_sums = self.buffer[0].signal_sums.double()
         for item in self.buffer[1:]:
             signal_sums += item.signal_sums
-        y_sum = None
-        if self.buffer[0].y_sum is not None:
-            y_sum = sum(item.y_sum.double() for item in self.buffer)
+        y_sum: Tensor | None = None
+        for item in self.buffer:
+            if item.y_sum is not None:
+                y_sum = item.y_sum.double() if y_sum is None else y_sum + item.y_sum
         # a NaN or Inf in a layer's input reaches its output, hence these sums
         check = signal_sums.sum() + (0.0 if y_sum is None else y_sum.sum())
         self._check_finite(check, self.buffer[0].batch)
@@ -209,7 +214,10 @@ class LayerCollector:
         self.buffered_bytes = 0
 
     def _scalars(self, signal_sums: Tensor, y_sum: Tensor | None) -> dict[str, Tensor]:
-        """Per-neuron ``Σ g``, ``Σ g·ỹ``, ``Σ ỹ`` from the batch-summed signals."""
+        """Per-neuron ``Σ g``, ``Σ g·ỹ``, ``Σ ỹ`` from the batch-summed signals.
+
+        ``y_sum`` is given exactly when ``ỹ`` is not one of the stacked signals.
+        """
         geo = self.geometry
         size = geo.out_channels // geo.groups
         per_group = signal_sums.reshape(geo.groups, len(self.neuron_keys) * size + self.ones, -1)
@@ -221,7 +229,7 @@ class LayerCollector:
         return {
             "n_pos": by_key["g"],
             "s_gy": by_key["gy"],
-            "s_y": by_key["y"] if "y" in by_key else y_sum,
+            "s_y": by_key["y"] if y_sum is None else y_sum,
         }
 
     def _unpadded_shape(self, shape: torch.Size) -> torch.Size:
@@ -249,7 +257,8 @@ class LayerCollector:
         for method in self.geometry.methods:
             args = (xc, signals)
             if method == "weight_grad_cl":  # later batches are made channels-last
-                args = tuple(t.contiguous(memory_format=torch.channels_last) for t in args)
+                cl = torch.channels_last
+                args = (xc.contiguous(memory_format=cl), signals.contiguous(memory_format=cl))
             for _ in range(2):
                 _synchronize(xc.device)
                 start = time.perf_counter()

@@ -27,6 +27,7 @@ from .canonize import (
 )
 from .collector import LayerCollector
 from .errors import InvalidDataError, UnsupportedModelError, forward_errors
+from .layers import layer_weight
 from .patterns import LayerPatterns, Patterns, weights_fingerprint
 from .runner import Checkpoint, Precision, StreamRunner, batch_inputs, distributed
 from .statistics import PATTERN_TYPES, required_stats
@@ -211,7 +212,7 @@ class PatternFitter:
                 self.model.get_submodule(bn_name) if bn_name else None,
                 bn_name,
                 self.stat_keys,
-                module.weight.device,
+                layer_weight(module).device,
                 flush_samples=self.flush_samples,
                 method=self.method,
             )
@@ -235,14 +236,14 @@ class PatternFitter:
         for name, c in collectors.items():
             # a folded weight in float64; a plain one as it is (solved block by block)
             weight, _ = folded_parameters(c.module, c.bn, torch.float64 if c.bn else None)
-            dtype = c.module.weight.dtype
+            dtype = layer_weight(c.module).dtype
             solved = c.statistics.solve(weight, self.pattern_types, consume=True, out_dtype=dtype)
             patterns: dict[str, Tensor | None] = dict.fromkeys(PATTERN_TYPES.values())
             for kind, (pattern, _) in solved.items():
                 patterns[PATTERN_TYPES[kind]] = pattern
             n = float(c.statistics.n)
             fraction = (c.statistics.scalars["n_pos"] / max(n, 1.0)).float()
-            c.statistics = None  # the sums were used as scratch space: free them now
+            c.release()  # the sums were used as scratch space: free them now
             layers[name] = LayerPatterns(
                 **patterns,
                 n_samples=int(n),

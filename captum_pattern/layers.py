@@ -65,6 +65,20 @@ def _reader(module: nn.Module) -> GeometryReader | None:
     return None
 
 
+def layer_weight(module: nn.Module) -> Tensor:
+    """The weight parameter of an explained layer (typed: ``module.weight`` is not)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def layer_bias(module: nn.Module) -> Tensor | None:
+    """The bias of an explained layer, or ``None``."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
+
+
 def is_explained_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a layer that gets a pattern (a registered layer type)."""
     return _reader(module) is not None
@@ -121,7 +135,7 @@ class LayerGeometry:
     @classmethod
     def of_linear(cls, module: nn.Module) -> LayerGeometry:
         """A linear layer: no spatial dimensions, one group."""
-        return cls(tuple(module.weight.shape), 1, (), (), (), "zeros")
+        return cls(tuple(layer_weight(module).shape), 1, (), (), (), "zeros")
 
     @classmethod
     def of_conv(cls, module: nn.Module) -> LayerGeometry:
@@ -281,7 +295,7 @@ class LayerGeometry:
                 x[i : i + step],
                 kernel,
                 dilation=self.dilation,
-                padding=self._gemm_padding,
+                padding=tuple(self._gemm_padding),
                 stride=self.stride,
             )
             m = cols.shape[0]

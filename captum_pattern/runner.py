@@ -324,7 +324,7 @@ class StreamRunner:
         if state is not None:
             state.flush()
             if distributed():
-                state.reduce(dist.all_reduce)
+                state.reduce(_all_reduce)
         if checkpoint is not None:
             checkpoint.remove()
         return done
@@ -360,6 +360,11 @@ class StreamRunner:
             current = upcoming
         if current is not None:
             yield current
+
+
+def _all_reduce(tensor: Tensor) -> None:
+    """Sum ``tensor`` over every process, in place."""
+    dist.all_reduce(tensor)
 
 
 class _FirstChained(Iterator[tuple[int, Any]]):

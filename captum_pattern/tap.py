@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
 from .errors import UnsupportedModelError
-from .layers import is_explained_layer
+from .layers import is_explained_layer, layer_weight
 
 __all__ = ["LayerTap", "check_batchnorm", "explained_layers", "layer_tap", "module_hooks"]
 
@@ -51,7 +51,7 @@ def explained_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def check_batchnorm(name: str, bn: nn.Module, layer_name: str, layer: nn.Module) -> None:
     """Refuse a BatchNorm that cannot be folded into ``layer`` (batch statistics, size)."""
-    if not isinstance(bn, _BatchNorm):
+    if not isinstance(bn, _BatchNorm):  # the pairing comes from a file: check what it names
         raise UnsupportedModelError(
             f"module {name!r} was to be folded into layer {layer_name!r}, but it is a "
             f"{type(bn).__name__}, not a BatchNorm; refit the patterns on this model"
@@ -62,10 +62,11 @@ def check_batchnorm(name: str, bn: nn.Module, layer_name: str, layer: nn.Module)
             "(track_running_stats=False), so it normalises with batch statistics even in "
             "eval mode and cannot be folded into the layer; use running statistics"
         )
-    if bn.num_features != layer.weight.shape[0]:
+    outputs = layer_weight(layer).shape[0]
+    if bn.num_features != outputs:
         raise UnsupportedModelError(
             f"BatchNorm {name!r} has {bn.num_features} features but follows layer "
-            f"{layer_name!r} with {layer.weight.shape[0]} outputs"
+            f"{layer_name!r} with {outputs} outputs"
         )
 
 
@@ -89,7 +90,7 @@ def module_hooks(
     owner = threading.get_ident()
     handles: list[RemovableHandle] = []
 
-    def only_owner(hook: Callable[..., Any]) -> Callable[..., Any]:
+    def only_owner(hook: Callable[..., Any]) -> Any:
         def filtered(*args: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
@@ -98,8 +99,8 @@ def module_hooks(
         return filtered
 
     try:
-        for module, hook in (pre or {}).items():
-            handles.append(module.register_forward_pre_hook(only_owner(hook)))
+        for module, pre_hook in (pre or {}).items():
+            handles.append(module.register_forward_pre_hook(only_owner(pre_hook)))
         for module, hook in (forward or {}).items():
             handles.append(module.register_forward_hook(only_owner(hook)))
         yield handles

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..canonize import folded_parameters, model_state_guard
-from ..layers import LayerGeometry
+from ..layers import LayerGeometry, layer_weight
 from ..patterns import LayerPatterns, Patterns
 from ..runner import StreamRunner
 from ..tap import explained_layers, layer_tap
@@ -167,7 +167,7 @@ class _LayerSamples:
         self.bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
         self.max_positions = max_positions
         self.generator = generator
-        self.device = module.weight.device
+        self.device = layer_weight(module).device
         self.groups = self.geometry.groups
         self.out_per_group = self.geometry.out_channels // self.groups
         self.dim = self.weight.shape[1]
@@ -251,11 +251,11 @@ class _VSums:
         G, Og, D = layer.groups, layer.out_per_group, layer.dim
         self.n = 0
         self.reference: Tensor | None = None  # (K, C, 1): patches are centred on it
-        f64 = {"dtype": torch.float64, "device": layer.device}
-        self.sum_x = torch.zeros(G, D, **f64)
-        self.sum_xx = torch.zeros(G, D, D, **f64)
-        self.sum_xut = torch.zeros(G, D, 2 * Og, **f64)
-        self.scalars = torch.zeros(4, G * Og, **f64)  # Σu, Σt, Σu², Σt²
+        f64, device = torch.float64, layer.device
+        self.sum_x = torch.zeros(G, D, dtype=f64, device=device)
+        self.sum_xx = torch.zeros(G, D, D, dtype=f64, device=device)
+        self.sum_xut = torch.zeros(G, D, 2 * Og, dtype=f64, device=device)
+        self.scalars = torch.zeros(4, G * Og, dtype=f64, device=device)  # Σu, Σt, Σu², Σt²
 
     def observe_v(self, x: Tensor, z: Tensor) -> None:
         layer = self.layer
@@ -475,6 +475,7 @@ class _EvalSums:
                 self._eval_convolved(x[i : i + step], z[i : i + step], dtype)
             return
         if geo.spatial_dims:
+            assert layer.max_positions is not None
             per_image = min(layer.max_positions, z[0, 0].numel()) * max(E * neurons, layer.dim)
             step = layer._image_chunks(x, per_image)
         else:
