@@ -12,12 +12,14 @@ accelerators.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .activations import RELU, Regimes
 from .canonize import folded_parameters
 from .errors import InvalidDataError
 from .layers import KERNELS, LayerGeometry
@@ -48,8 +50,10 @@ class LayerCollector:
         device: torch.device,
         flush_samples: int = 4096,
         method: str = "auto",
+        regimes: Regimes = RELU,
     ) -> None:
         self.name = name
+        self.regimes = regimes
         self.module = module
         self.bn = bn
         self.bn_name = bn_name
@@ -155,7 +159,10 @@ class LayerCollector:
         shift = shift.reshape(1, groups, size, *[1] * len(spatial))
         yc = slot["y"] if "y" in slot else torch.empty_like(grouped)
         torch.sub(grouped, shift, out=yc)
-        torch.gt(grouped, 0, out=slot["g"])
+        if self.regimes.lower == 0 and self.regimes.upper == math.inf:
+            torch.gt(grouped, 0, out=slot["g"])  # ReLU, LeakyReLU, PReLU: the open regime z > 0
+        else:
+            slot["g"].copy_(self.regimes.gate(grouped))
         torch.mul(yc, slot["g"], out=slot["gy"])
         if self.ones:
             stacked[:, :, -1].fill_(1)

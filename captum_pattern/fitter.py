@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .activations import Regimes, check_approximate, check_supported, inspect_forward
 from .canonize import (
+    check_batchnorms,
     find_batchnorm_folds,
     folded_parameters,
     model_state_guard,
-    warn_outside_method,
 )
 from .collector import LayerCollector
 from .errors import InvalidDataError, UnsupportedModelError, forward_errors
@@ -68,6 +69,11 @@ class PatternFitter:
         fastest).  The kernels chosen are recorded in the patterns'
         ``fit_settings["kernels"]``.  The choice changes the sums only by
         float32 rounding.  Other layers always use the weight gradient.
+    approximate:
+        ``None`` (default): refuse a model that runs functions without linear
+        regimes (GELU, SiLU, sigmoid, tanh, softmax, LayerNorm, ...), naming
+        each and where it is called.  ``"gradient"``: use their ordinary
+        gradient (not the paper's method), announced once per call site.
 
     Examples
     --------
@@ -86,7 +92,9 @@ class PatternFitter:
         pattern_types: Sequence[str] = ("relu", "relu_negative", "linear"),
         flush_samples: int = 4096,
         method: str = "auto",
+        approximate: str | None = None,
     ) -> None:
+        self.approximate = check_approximate(approximate)
         if flush_samples < 1:
             raise ValueError(f"flush_samples must be at least 1, got {flush_samples}")
         self.flush_samples = int(flush_samples)
@@ -106,7 +114,7 @@ class PatternFitter:
                 f"{type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer, so it "
                 "has nothing to learn patterns for"
             )
-        warn_outside_method(model, "PatternFitter")
+        check_batchnorms(model)
 
     def fit(
         self,
@@ -169,8 +177,8 @@ class PatternFitter:
         )
         with model_state_guard(self.model), torch.no_grad():
             first, data = runner.first_batch(data, "data")
-            folds = self._find_folds(first, runner.extra)
-            state = _FitState(self._collectors(folds))
+            folds, regimes = self._probe(first, runner.extra)
+            state = _FitState(self._collectors(folds, regimes))
             saved = None
             if checkpoint is not None:
                 saved = Checkpoint(
@@ -189,7 +197,10 @@ class PatternFitter:
                 done = runner.run(data, lambda _: tap.check(), state, saved)
             return self._patterns(state.collectors, folds, done)
 
-    def _find_folds(self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]) -> dict[str, str]:
+    def _probe(
+        self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]
+    ) -> tuple[dict[str, str], dict[str, Regimes]]:
+        """The BatchNorm folds and the activation regimes, from what the model runs."""
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
@@ -200,9 +211,14 @@ class PatternFitter:
             with forward_errors(InvalidDataError, "batch 0: ", probe):
                 return self.model(*probe, *extra)
 
-        return find_batchnorm_folds(self.model, run)
+        folds = find_batchnorm_folds(self.model, run)
+        facts = inspect_forward(self.model, run, self.layers, folds)
+        check_supported(self.model, facts, self.approximate, "PatternFitter")
+        return folds, facts.regimes
 
-    def _collectors(self, folds: Mapping[str, str]) -> dict[str, LayerCollector]:
+    def _collectors(
+        self, folds: Mapping[str, str], regimes: Mapping[str, Regimes]
+    ) -> dict[str, LayerCollector]:
         collectors = {}
         for name, module in self.layers.items():
             bn_name = folds.get(name)
@@ -215,6 +231,7 @@ class PatternFitter:
                 layer_weight(module).device,
                 flush_samples=self.flush_samples,
                 method=self.method,
+                regimes=regimes[name],
             )
         return collectors
 
@@ -256,6 +273,8 @@ class PatternFitter:
             "batches": batches,
             "folds": dict(folds),
             "kernels": {name: c.method for name, c in collectors.items()},
+            "activations": {name: c.regimes.to_json() for name, c in collectors.items()},
+            "approximate": self.approximate,
             "world_size": dist.get_world_size() if distributed() else 1,
             "torch": torch.__version__,
         }
