@@ -212,10 +212,11 @@ _METADATA = {"size", "dim", "numel", "is_floating_point", "is_complex", "__get__
 
 @dataclass
 class ForwardFacts:
-    """What :func:`inspect_forward` saw: regimes per layer and smooth calls."""
+    """What :func:`inspect_forward` saw: regimes per layer, smooth calls, output layers."""
 
     regimes: dict[str, Regimes]
     smooth: list[SmoothCall]
+    outputs: list[str]  # layers whose pre-activation the model returns (e.g. the logits)
 
 
 class _Recorder(TorchFunctionMode):
@@ -306,14 +307,27 @@ def inspect_forward(
 
     with _module_stack(model, stack), module_hooks(dict.fromkeys(producers, watch)):
         with recorder, torch.no_grad():
-            run_forward()
+            result = run_forward()
+    returned = {id(t) for t in _tensors(result)}
+    outputs = sorted({name for key, (name, _, _) in watched.items() if key in returned})
     regimes = {}
     for name in layers:
         readers = recorder.readers.get(name, [])
         found = readers[0] if readers and all(r == readers[0] for r in readers) else None
         regimes[name] = found or RELU
     smooth = [SmoothCall(function, module) for function, module in recorder.smooth]
-    return ForwardFacts(regimes, smooth)
+    return ForwardFacts(regimes, smooth, outputs)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 # modules with weights that get no pattern (their ordinary gradient would be used)

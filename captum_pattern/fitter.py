@@ -12,6 +12,7 @@ each layer's float64 sums are solved for the patterns
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .activations import Regimes, check_approximate, check_supported, inspect_forward
+from .activations import (
+    ForwardFacts,
+    Regimes,
+    check_approximate,
+    check_supported,
+    inspect_forward,
+)
 from .canonize import (
     check_batchnorms,
     find_batchnorm_folds,
@@ -177,7 +184,8 @@ class PatternFitter:
         )
         with model_state_guard(self.model), torch.no_grad():
             first, data = runner.first_batch(data, "data")
-            folds, regimes = self._probe(first, runner.extra)
+            folds, facts = self._probe(first, runner.extra)
+            regimes = facts.regimes
             state = _FitState(self._collectors(folds, regimes))
             saved = None
             if checkpoint is not None:
@@ -195,12 +203,15 @@ class PatternFitter:
 
             with layer_tap(self.model, self.layers, folds, observe, runner.where) as tap:
                 done = runner.run(data, lambda _: tap.check(), state, saved)
-            return self._patterns(state.collectors, folds, done)
+            patterns = self._patterns(state.collectors, folds, done)
+        patterns.settings["outputs"] = facts.outputs
+        _report_zeros(patterns, facts.outputs)
+        return patterns
 
     def _probe(
         self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]
-    ) -> tuple[dict[str, str], dict[str, Regimes]]:
-        """The BatchNorm folds and the activation regimes, from what the model runs."""
+    ) -> tuple[dict[str, str], ForwardFacts]:
+        """The BatchNorm folds and what runs after each layer, from one probe forward."""
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
@@ -214,7 +225,7 @@ class PatternFitter:
         folds = find_batchnorm_folds(self.model, run)
         facts = inspect_forward(self.model, run, self.layers, folds)
         check_supported(self.model, facts, self.approximate, "PatternFitter")
-        return folds, facts.regimes
+        return folds, facts
 
     def _collectors(
         self, folds: Mapping[str, str], regimes: Mapping[str, Regimes]
@@ -279,6 +290,38 @@ class PatternFitter:
             "torch": torch.__version__,
         }
         return Patterns(layers, weights_fingerprint(self.model, folds), settings)
+
+
+def _report_zeros(patterns: Patterns, outputs: Sequence[str]) -> None:
+    """Warn about zero patterns: per layer the count, for output layers the classes.
+
+    A zero pattern (no sample in the regime, or a zero denominator) makes a
+    neuron's explanation zero; for a layer whose output the model returns, a
+    zero row means that output (class) is explained by zeros.
+    """
+    lines = []
+    activations = patterns.settings.get("activations", {})
+    for name, layer in patterns.items():
+        sloped = activations.get(name, {}).get("negative_slope", False)
+        for kind, mask in layer.zero.items():
+            count = int(mask.sum())
+            if count == 0 or (kind == "relu_negative" and not sloped):
+                continue  # a₋ of a ReLU layer is not used to explain
+            line = f"layer {name!r} ({kind}): {count} of {mask.numel()} neurons"
+            if name in outputs:
+                indices = mask.nonzero().flatten().tolist()
+                shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+                line += f" — outputs {shown} are explained by zeros with this pattern type"
+            lines.append(line)
+    if lines:
+        warnings.warn(
+            "PatternFitter: some patterns are zero (no sample of the data fell in that regime, "
+            "e.g. a class whose output was never positive, or the output did not vary): "
+            + "; ".join(lines)
+            + ". Fit on more varied data, or use pattern_type='linear' for those outputs",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class _FitState:

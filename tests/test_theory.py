@@ -197,3 +197,31 @@ def test_each_regime_gets_the_pattern_of_its_own_samples(kind):
     a_minus = _regime_pattern(x.numpy(), w, b, ~gate)
     np.testing.assert_allclose(patterns["0"].a_plus.numpy(), a_plus, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(patterns["0"].a_minus.numpy(), a_minus, rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------------------ silent zeros
+@pytest.mark.parametrize(
+    "types",
+    [("linear",), ("relu",), ("relu_negative",), ("linear", "relu_negative"), ("relu", "linear")],
+)
+def test_every_subset_of_pattern_types_fits_and_equals_the_full_fit(types):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2))
+    data = [torch.randn(8, 1, 4, 4, dtype=torch.float64) for _ in range(3)]
+    model = model.double()
+    full, part = PatternFitter(model).fit(data), PatternFitter(model, pattern_types=types).fit(data)
+    for name in full:
+        for kind in types:
+            torch.testing.assert_close(part[name].pattern(kind), full[name].pattern(kind))
+        torch.testing.assert_close(part[name].positive_fraction, full[name].positive_fraction)
+
+
+def test_zero_patterns_are_reported_at_fit_with_the_output_classes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].bias[1] = -1e3  # class 1's logit is never positive on the data
+    with pytest.warns(UserWarning, match=r"layer '2' \(relu\): 1 of 3 neurons — outputs 1 are"):
+        patterns = PatternFitter(model).fit([torch.randn(100, 3)])
+    assert patterns.settings["outputs"] == ["2"]
+    assert patterns["2"].zero["relu"].tolist() == [False, True, False]
