@@ -368,7 +368,7 @@ def check_supported(
     if not calls:
         return
     if approximate is None:
-        listed = "; ".join(str(c) for c in calls[:6]) + (" ..." if len(calls) > 6 else "")
+        listed = _grouped(calls)
         raise UnsupportedModelError(
             f"{what}: {type(model).__name__} runs functions without linear regimes ({listed}). "
             "PatternNet and PatternAttribution are defined for piecewise-linear networks "
@@ -388,6 +388,19 @@ def check_supported(
             UserWarning,
             stacklevel=3,
         )
+
+
+def _grouped(calls: list[SmoothCall]) -> str:
+    """``gelu in 3 places (modules 'a', 'b', 'c'); ...`` for an error message."""
+    by_function: dict[str, list[str]] = {}
+    for call in calls:
+        by_function.setdefault(call.function, []).append(call.module)
+    parts = []
+    for function, modules in by_function.items():
+        shown = ", ".join(repr(m) if m else "the model's own forward" for m in modules[:3])
+        more = f", ... ({len(modules)} places)" if len(modules) > 3 else ""
+        parts.append(f"{function} in {shown}{more}")
+    return "; ".join(parts)
 
 
 def check_approximate(approximate: str | None) -> str | None:
