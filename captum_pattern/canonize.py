@@ -15,7 +15,6 @@ folded weights are computed on the fly and never written into the model.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from .layers import layer_bias, layer_weight
 from .tap import check_batchnorm, explained_layers, module_hooks
 
 __all__ = [
-    "check_modules",
+    "check_batchnorms",
     "explained_layers",
     "find_batchnorm_folds",
     "folded_parameters",
@@ -210,49 +209,11 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-# modules whose derivative is not a ReLU gate, a max-pool route or a linear map:
-# the paper's analysis (and so the meaning of the patterns) does not cover them
-_OUTSIDE_THE_METHOD = (
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.SiLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Softplus,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-# modules with weights that get no pattern (their ordinary gradient is used)
-_UNEXPLAINED_WEIGHTS = (
-    nn.modules.conv._ConvTransposeNd,
-    nn.Bilinear,
-    nn.MultiheadAttention,
-    nn.RNNBase,
-)
+def check_batchnorms(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with batch statistics even in eval mode.
 
-
-def check_modules(model: nn.Module) -> list[str]:
-    """Refuse what would make the result wrong; describe what the method does not cover.
-
-    Raises :class:`UnsupportedModelError` for a BatchNorm that normalises with
-    batch statistics even in eval mode (the explanation of one example would
-    depend on the others in the batch).  Returns one line per module type the
-    paper's method does not cover (non-ReLU activations, normalisations,
-    weight layers without patterns), for the caller to warn about once.
+    The explanation of one example would then depend on the rest of the batch.
     """
-    notes: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and (
             not module.track_running_stats or module.running_mean is None
@@ -263,24 +224,8 @@ def check_modules(model: nn.Module) -> list[str]:
                 "the explanation of one example would depend on the rest of the batch; "
                 "use running statistics"
             )
-        if isinstance(module, _OUTSIDE_THE_METHOD):
-            notes.setdefault(type(module).__name__, []).append(name)
-        elif isinstance(module, _UNEXPLAINED_WEIGHTS):
-            notes.setdefault(type(module).__name__ + " (no pattern)", []).append(name)
-    return [
-        f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-        for kind, names in notes.items()
-    ]
 
 
 def warn_outside_method(model: nn.Module, what: str) -> None:
-    """Warn once (per call site) when ``model`` has modules the method does not cover."""
-    notes = check_modules(model)
-    if notes:
-        warnings.warn(
-            f"{what}: the model has modules outside PatternNet/PatternAttribution's analysis "
-            "(ReLU networks with linear layers and max pooling); their ordinary gradient is "
-            "used, so the result is not the paper's method there — " + "; ".join(notes),
-            UserWarning,
-            stacklevel=3,
-        )
+    """Kept for the attribution classes until they inspect the forward pass themselves."""
+    check_batchnorms(model)

@@ -12,18 +12,23 @@ accelerators.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .activations import RELU, Regimes
 from .canonize import folded_parameters
 from .errors import InvalidDataError
 from .layers import KERNELS, LayerGeometry
 from .statistics import PatternStatistics
 
 __all__ = ["LayerCollector"]
+
+# the per-neuron totals every fit needs (sample counts per regime, Σ g·ỹ, Σ ỹ)
+_SCALAR_KEYS = ("y", "g", "gy")
 
 # a buffer is turned into sums once it holds this many bytes, whatever its sample count
 _FLUSH_BYTES = 2**26
@@ -48,8 +53,10 @@ class LayerCollector:
         device: torch.device,
         flush_samples: int = 4096,
         method: str = "auto",
+        regimes: Regimes = RELU,
     ) -> None:
         self.name = name
+        self.regimes = regimes
         self.module = module
         self.bn = bn
         self.bn_name = bn_name
@@ -116,14 +123,14 @@ class LayerCollector:
             self.method = geo.kernel_for(x.shape, x.device)
         channels_last = self.method == "weight_grad_cl"
         xc = geo.centred_input(x, x_ref, channels_last)
-        signals, signal_sums, y_sum = self._signals(out, shift, channels_last)
+        signals, signal_sums, direct = self._signals(out, shift, channels_last)
         if self.buffer and (
             self.buffer[-1].xc.shape[1:] != xc.shape[1:]
             or self.buffer[-1].signals.shape[1:] != signals.shape[1:]
         ):
             self.flush()  # another input size: flush what has that size first
         samples = geo.samples_per_item(out)
-        self.buffer.append(_Buffered(batch_index, xc, signals, samples, signal_sums, y_sum))
+        self.buffer.append(_Buffered(batch_index, xc, signals, samples, signal_sums, direct))
         self.buffered += samples
         self.buffered_bytes += (xc.numel() + signals.numel()) * xc.element_size()
         if self.buffered >= self.flush_samples or self.buffered_bytes >= _FLUSH_BYTES:
@@ -131,13 +138,14 @@ class LayerCollector:
 
     def _signals(
         self, out: Tensor, shift: Tensor, channels_last: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Stack the per-neuron signals by input group, and sum them over the batch.
 
         Returns the stack ``(N, G * (K * O/G + ones), *sp)`` (group ``k``'s
         block holds the K signals of its neurons, then, with ``ones``, a
-        channel of 1), its sum over the batch ``(G * (...), *sp)`` and, when
-        ``ỹ`` itself is not stacked, ``Σ ỹ`` per neuron.
+        channel of 1), its sum over the batch ``(G * (...), *sp)`` and, for
+        each of ``ỹ``, ``g``, ``g·ỹ`` that is not stacked (the pattern types do
+        not need its sums), its total per neuron.
         """
         geo = self.geometry
         n, channels, *spatial = out.shape
@@ -153,10 +161,13 @@ class LayerCollector:
         slot = {key: stacked[:, :, i * size : (i + 1) * size] for i, key in enumerate(keys)}
         grouped = out.reshape(n, groups, size, *spatial)  # a view in both layouts
         shift = shift.reshape(1, groups, size, *[1] * len(spatial))
-        yc = slot["y"] if "y" in slot else torch.empty_like(grouped)
-        torch.sub(grouped, shift, out=yc)
-        torch.gt(grouped, 0, out=slot["g"])
-        torch.mul(yc, slot["g"], out=slot["gy"])
+        own = {key: slot[key] if key in slot else torch.empty_like(grouped) for key in _SCALAR_KEYS}
+        torch.sub(grouped, shift, out=own["y"])
+        if self.regimes.lower == 0 and self.regimes.upper == math.inf:
+            torch.gt(grouped, 0, out=own["g"])  # ReLU, LeakyReLU, PReLU: the open regime z > 0
+        else:
+            own["g"].copy_(self.regimes.gate(grouped))
+        torch.mul(own["y"], own["g"], out=own["gy"])
         if self.ones:
             stacked[:, :, -1].fill_(1)
         # sums over the batch, reduced in memory order (channels-last reductions
@@ -165,10 +176,9 @@ class LayerCollector:
             batch_sum = memory.sum(0).permute(2, 3, 0, 1)  # (G, depth, H, W)
         else:
             batch_sum = memory.sum(0)
-        y_sum = None
-        if "y" not in slot:
-            y_sum = yc.sum((0, *range(3, 3 + len(spatial)))).reshape(-1)
-        return stacked.reshape(n, -1, *spatial), batch_sum.reshape(-1, *spatial), y_sum
+        dims = (0, *range(3, 3 + len(spatial)))
+        direct = {k: own[k].sum(dims).reshape(-1) for k in _SCALAR_KEYS if k not in slot}
+        return stacked.reshape(n, -1, *spatial), batch_sum.reshape(-1, *spatial), direct
 
     def release(self) -> None:
         """Free the accumulators (after they were solved)."""
@@ -188,12 +198,14 @@ class LayerCollector:
         signal_sums = self.buffer[0].signal_sums.double()
         for item in self.buffer[1:]:
             signal_sums += item.signal_sums
-        y_sum: Tensor | None = None
+        direct: dict[str, Tensor] = {}
         for item in self.buffer:
-            if item.y_sum is not None:
-                y_sum = item.y_sum.double() if y_sum is None else y_sum + item.y_sum
+            for key, total in item.direct.items():
+                direct[key] = total.double() if key not in direct else direct[key] + total
         # a NaN or Inf in a layer's input reaches its output, hence these sums
-        check = signal_sums.sum() + (0.0 if y_sum is None else y_sum.sum())
+        check = signal_sums.sum()
+        for total in direct.values():
+            check = check + total.sum()
         self._check_finite(check, self.buffer[0].batch)
         if len(self.buffer) == 1:
             xc, signals = self.buffer[0].xc, self.buffer[0].signals
@@ -202,7 +214,7 @@ class LayerCollector:
             signals = torch.cat([b.signals for b in self.buffer])
         result = self._patch_sums(xc, signals)
         self.statistics.add_counts(
-            sum(item.samples for item in self.buffer), self._scalars(signal_sums, y_sum)
+            sum(item.samples for item in self.buffer), self._scalars(signal_sums, direct)
         )
         masks = None
         if geo.zero_padded:
@@ -213,24 +225,16 @@ class LayerCollector:
         self.buffered = 0
         self.buffered_bytes = 0
 
-    def _scalars(self, signal_sums: Tensor, y_sum: Tensor | None) -> dict[str, Tensor]:
-        """Per-neuron ``Σ g``, ``Σ g·ỹ``, ``Σ ỹ`` from the batch-summed signals.
-
-        ``y_sum`` is given exactly when ``ỹ`` is not one of the stacked signals.
-        """
+    def _scalars(self, signal_sums: Tensor, direct: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-neuron ``Σ g``, ``Σ g·ỹ``, ``Σ ỹ``: from the batch-summed stack, or ``direct``."""
         geo = self.geometry
         size = geo.out_channels // geo.groups
         per_group = signal_sums.reshape(geo.groups, len(self.neuron_keys) * size + self.ones, -1)
         totals = per_group.sum(2)
-        by_key = {
-            key: totals[:, i * size : (i + 1) * size].reshape(-1)
-            for i, key in enumerate(self.neuron_keys)
-        }
-        return {
-            "n_pos": by_key["g"],
-            "s_gy": by_key["gy"],
-            "s_y": by_key["y"] if y_sum is None else y_sum,
-        }
+        by_key = dict(direct)
+        for i, key in enumerate(self.neuron_keys):
+            by_key[key] = totals[:, i * size : (i + 1) * size].reshape(-1)
+        return {"n_pos": by_key["g"], "s_gy": by_key["gy"], "s_y": by_key["y"]}
 
     def _unpadded_shape(self, shape: torch.Size) -> torch.Size:
         """The input shape before the explicit padding of :meth:`centred_input`."""
@@ -315,7 +319,7 @@ class _Buffered:
     signals: Tensor
     samples: int
     signal_sums: Tensor  # over the batch, (G * depth, *out_spatial)
-    y_sum: Tensor | None  # Σ ỹ per neuron when ỹ is not stacked
+    direct: dict[str, Tensor]  # per-neuron totals of the signals that are not stacked
 
 
 def _all_finite(*tensors: Tensor) -> bool:

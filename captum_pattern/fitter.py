@@ -12,6 +12,7 @@ each layer's float64 sums are solved for the patterns
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,11 +20,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .activations import (
+    ForwardFacts,
+    Regimes,
+    check_approximate,
+    check_supported,
+    inspect_forward,
+)
 from .canonize import (
+    check_batchnorms,
     find_batchnorm_folds,
     folded_parameters,
     model_state_guard,
-    warn_outside_method,
 )
 from .collector import LayerCollector
 from .errors import InvalidDataError, UnsupportedModelError, forward_errors
@@ -68,6 +76,11 @@ class PatternFitter:
         fastest).  The kernels chosen are recorded in the patterns'
         ``fit_settings["kernels"]``.  The choice changes the sums only by
         float32 rounding.  Other layers always use the weight gradient.
+    approximate:
+        ``None`` (default): refuse a model that runs functions without linear
+        regimes (GELU, SiLU, sigmoid, tanh, softmax, LayerNorm, ...), naming
+        each and where it is called.  ``"gradient"``: use their ordinary
+        gradient (not the paper's method), announced once per call site.
 
     Examples
     --------
@@ -86,7 +99,9 @@ class PatternFitter:
         pattern_types: Sequence[str] = ("relu", "relu_negative", "linear"),
         flush_samples: int = 4096,
         method: str = "auto",
+        approximate: str | None = None,
     ) -> None:
+        self.approximate = check_approximate(approximate)
         if flush_samples < 1:
             raise ValueError(f"flush_samples must be at least 1, got {flush_samples}")
         self.flush_samples = int(flush_samples)
@@ -106,7 +121,7 @@ class PatternFitter:
                 f"{type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer, so it "
                 "has nothing to learn patterns for"
             )
-        warn_outside_method(model, "PatternFitter")
+        check_batchnorms(model)
 
     def fit(
         self,
@@ -169,8 +184,9 @@ class PatternFitter:
         )
         with model_state_guard(self.model), torch.no_grad():
             first, data = runner.first_batch(data, "data")
-            folds = self._find_folds(first, runner.extra)
-            state = _FitState(self._collectors(folds))
+            folds, facts = self._probe(first, runner.extra)
+            regimes = facts.regimes
+            state = _FitState(self._collectors(folds, regimes))
             saved = None
             if checkpoint is not None:
                 saved = Checkpoint(
@@ -187,9 +203,15 @@ class PatternFitter:
 
             with layer_tap(self.model, self.layers, folds, observe, runner.where) as tap:
                 done = runner.run(data, lambda _: tap.check(), state, saved)
-            return self._patterns(state.collectors, folds, done)
+            patterns = self._patterns(state.collectors, folds, done)
+        patterns.settings["outputs"] = facts.outputs
+        _report_zeros(patterns, facts.outputs)
+        return patterns
 
-    def _find_folds(self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]) -> dict[str, str]:
+    def _probe(
+        self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]
+    ) -> tuple[dict[str, str], ForwardFacts]:
+        """The BatchNorm folds and what runs after each layer, from one probe forward."""
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
@@ -200,9 +222,14 @@ class PatternFitter:
             with forward_errors(InvalidDataError, "batch 0: ", probe):
                 return self.model(*probe, *extra)
 
-        return find_batchnorm_folds(self.model, run)
+        folds = find_batchnorm_folds(self.model, run)
+        facts = inspect_forward(self.model, run, self.layers, folds)
+        check_supported(self.model, facts, self.approximate, "PatternFitter")
+        return folds, facts
 
-    def _collectors(self, folds: Mapping[str, str]) -> dict[str, LayerCollector]:
+    def _collectors(
+        self, folds: Mapping[str, str], regimes: Mapping[str, Regimes]
+    ) -> dict[str, LayerCollector]:
         collectors = {}
         for name, module in self.layers.items():
             bn_name = folds.get(name)
@@ -215,6 +242,7 @@ class PatternFitter:
                 layer_weight(module).device,
                 flush_samples=self.flush_samples,
                 method=self.method,
+                regimes=regimes[name],
             )
         return collectors
 
@@ -256,10 +284,44 @@ class PatternFitter:
             "batches": batches,
             "folds": dict(folds),
             "kernels": {name: c.method for name, c in collectors.items()},
+            "activations": {name: c.regimes.to_json() for name, c in collectors.items()},
+            "approximate": self.approximate,
             "world_size": dist.get_world_size() if distributed() else 1,
             "torch": torch.__version__,
         }
         return Patterns(layers, weights_fingerprint(self.model, folds), settings)
+
+
+def _report_zeros(patterns: Patterns, outputs: Sequence[str]) -> None:
+    """Warn about zero patterns: per layer the count, for output layers the classes.
+
+    A zero pattern (no sample in the regime, or a zero denominator) makes a
+    neuron's explanation zero; for a layer whose output the model returns, a
+    zero row means that output (class) is explained by zeros.
+    """
+    lines = []
+    activations = patterns.settings.get("activations", {})
+    for name, layer in patterns.items():
+        sloped = activations.get(name, {}).get("negative_slope", False)
+        for kind, mask in layer.zero.items():
+            count = int(mask.sum())
+            if count == 0 or (kind == "relu_negative" and not sloped):
+                continue  # a₋ of a ReLU layer is not used to explain
+            line = f"layer {name!r} ({kind}): {count} of {mask.numel()} neurons"
+            if name in outputs:
+                indices = mask.nonzero().flatten().tolist()
+                shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+                line += f" — outputs {shown} are explained by zeros with this pattern type"
+            lines.append(line)
+    if lines:
+        warnings.warn(
+            "PatternFitter: some patterns are zero (no sample of the data fell in that regime, "
+            "e.g. a class whose output was never positive, or the output did not vary): "
+            + "; ".join(lines)
+            + ". Fit on more varied data, or use pattern_type='linear' for those outputs",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class _FitState:
