@@ -245,6 +245,17 @@ def layer_errors(patterns: Patterns, reference: Patterns) -> dict[str, float]:
     return out
 
 
+def failure(error: Exception) -> str:
+    """A table cell for a measurement that raised (a finding, not a crash of the script)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"raised {type(error).__name__}: {first[:160]}"
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def timed(device: torch.device, run: Callable[[], object]) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -319,9 +330,15 @@ def check_fit(config: Config, device: torch.device) -> tuple[list[Table], dict[s
         references[name] = reference
         device_model = copy.deepcopy(model).to(device)
         columns: dict[str, dict[str, float]] = {}
+        failed: dict[str, str] = {}
         for label, kwargs, flags in fit_variants(device):
-            with tf32_flags(flags):
-                fitted = PatternFitter(device_model).fit(data, device=device, **kwargs)
+            try:
+                with tf32_flags(flags):
+                    fitted = PatternFitter(device_model).fit(data, device=device, **kwargs)
+            except Exception as error:  # e.g. float16 overflow: report it, go on
+                failed[label] = failure(error)
+                release(device)
+                continue
             columns[label] = layer_errors(fitted, reference)
         table = Table(
             f"Fit correctness: {name} ({size} px, {len(data)}×{config.correctness_batch} "
@@ -331,6 +348,7 @@ def check_fit(config: Config, device: torch.device) -> tuple[list[Table], dict[s
         for layer in reference:
             table.rows.append([layer, *(columns[label][layer] for label in columns)])
         table.rows.append(["**max**", *(max(c.values()) for c in columns.values())])
+        table.notes += [f"`{label}`: {text}" for label, text in failed.items()]
         table.notes.append(
             "Per layer, max over `a₊`, `a₋`, `a` of ‖a − a_ref‖ / ‖a_ref‖. "
             "`float32` runs with both TF32 flags off."
@@ -407,6 +425,23 @@ def feed_batches(batch: Tensor, count: int, where: str, device: torch.device) ->
     return [placed] * count
 
 
+def measure_feed(
+    config: Config, device: torch.device, model: nn.Module, batch: Tensor, feed: Feed
+) -> tuple[tuple[float, float, float], Patterns, float]:
+    """Fit images/s per further batch and over a whole fit, peak GiB; the patterns; s/batch."""
+    fitter = PatternFitter(model, pattern_types=feed.pattern_types)
+    fitter.fit(feed_batches(batch, 1, feed.where, device), device=device)  # warm-up
+    seconds, peaks = {}, []
+    for count in (config.few, config.many):
+        data = feed_batches(batch, count, feed.where, device)
+        seconds[count], peak, patterns = fit_timed(fitter, data, device, config.repeats)
+        peaks.append(peak)
+    slope = (seconds[config.many] - seconds[config.few]) / (config.many - config.few)
+    fit_rate = config.batch / slope if slope > 0 else math.nan
+    whole = config.many * config.batch / seconds[config.many]
+    return (fit_rate, whole, max(peaks)), patterns, seconds[config.many] / config.many
+
+
 def measure_speed(
     config: Config, device: torch.device, deadline: float
 ) -> tuple[Table, dict[str, tuple[nn.Module, Patterns, float]]]:
@@ -452,26 +487,21 @@ def measure_speed(
             if time.perf_counter() > deadline:
                 table.rows.append([name, feed.label, inference, "skipped: time budget", "", "", ""])
                 continue
-            fitter = PatternFitter(model, pattern_types=feed.pattern_types)
-            fitter.fit(feed_batches(batch, 1, feed.where, device), device=device)  # warm-up
-            seconds, peaks = {}, []
-            for count in (config.few, config.many):
-                data = feed_batches(batch, count, feed.where, device)
-                seconds[count], peak, patterns = fit_timed(fitter, data, device, config.repeats)
-                peaks.append(peak)
-            peak = max(peaks)
-            slope = (seconds[config.many] - seconds[config.few]) / (config.many - config.few)
-            fit_rate = config.batch / slope if slope > 0 else math.nan
-            whole = config.many * config.batch / seconds[config.many]
+            try:
+                rates, patterns, per_batch = measure_feed(config, device, model, batch, feed)
+            except Exception as error:  # e.g. out of memory: report it, go on
+                table.rows.append([name, feed.label, inference, failure(error), "", "", ""])
+                release(device)
+                continue
+            fit_rate, whole, peak = rates
             table.rows.append(
                 [name, feed.label, inference, fit_rate, fit_rate / inference, whole, peak]
             )
             if feed.pattern_types == ALL_TYPES and feed.where == "device":
-                kept[name] = (model, patterns, seconds[config.many] / config.many)
+                kept[name] = (model, patterns, per_batch)
             del patterns
         del model, on_device
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     return table, kept
 
 
@@ -515,7 +545,12 @@ def measure_rho(
             )
             seconds.update(result.seconds)
 
-        total = timed(device, run)
+        try:
+            total = timed(device, run)
+        except Exception as error:  # e.g. out of memory: report it, go on
+            table.rows.append(["every" if positions is None else positions, failure(error)])
+            release(device)
+            continue
         table.rows.append(
             [
                 "every" if positions is None else positions,

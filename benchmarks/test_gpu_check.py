@@ -87,3 +87,13 @@ def test_the_full_run_models_build_and_run(name: str) -> None:
     with torch.no_grad():
         out = model(torch.zeros(1, 3, size, size))
     assert out.ndim == 2 and torch.isfinite(out).all()
+
+
+def test_rho_timing_fits_its_own_patterns_when_the_speed_section_did_not() -> None:
+    config = gpu_check.Config.tiny_run()
+    table = gpu_check.measure_rho(config, torch.device("cpu"), kept={})
+    assert [row[0] for row in table.rows] == [
+        "every" if p is None else p for p in config.rho_positions
+    ]
+    for row in table.rows:
+        assert all(isinstance(v, float) and v > 0 for v in row[1:])
