@@ -75,6 +75,7 @@ def he_init(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.bias is not None:
                     m.bias.normal_(0.0, 0.01, generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.uniform_(-0.2, 0.2, generator=generator)
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
                 m.weight.uniform_(0.5, 1.5, generator=generator)
@@ -304,17 +305,27 @@ class Table:
 
 
 # ------------------------------------------------------------------- 1. fit
-def fit_variants(device: torch.device) -> list[tuple[str, dict[str, object], bool | None]]:
-    """(label, fit keyword arguments, TF32 flags to set) of each device fit compared."""
-    variants: list[tuple[str, dict[str, object], bool | None]] = [("float32", {}, False)]
+@dataclass
+class Variant:
+    """One device fit compared with the float64 reference."""
+
+    label: str
+    autocast: torch.dtype | None = None
+    tf32: bool = False  # the fitter's option
+    flags: bool | None = False  # both global TF32 flags during the fit; None: PyTorch's
+
+
+def fit_variants(device: torch.device) -> list[Variant]:
+    """The device fits compared (TF32 ones only on CUDA)."""
+    variants = [Variant("float32")]
     if device.type == "cuda":
         variants += [
-            ("float32, PyTorch's TF32 defaults", {}, None),
-            ("tf32=True", {"tf32": True}, False),
+            Variant("float32, PyTorch's TF32 defaults", flags=None),
+            Variant("tf32=True", tf32=True),
         ]
     variants += [
-        ("autocast bfloat16", {"autocast": torch.bfloat16}, False),
-        ("autocast float16", {"autocast": torch.float16}, False),
+        Variant("autocast bfloat16", autocast=torch.bfloat16),
+        Variant("autocast float16", autocast=torch.float16),
     ]
     return variants
 
@@ -331,15 +342,17 @@ def check_fit(config: Config, device: torch.device) -> tuple[list[Table], dict[s
         device_model = copy.deepcopy(model).to(device)
         columns: dict[str, dict[str, float]] = {}
         failed: dict[str, str] = {}
-        for label, kwargs, flags in fit_variants(device):
+        for v in fit_variants(device):
             try:
-                with tf32_flags(flags):
-                    fitted = PatternFitter(device_model).fit(data, device=device, **kwargs)
+                with tf32_flags(v.flags):
+                    fitted = PatternFitter(device_model).fit(
+                        data, device=device, autocast=v.autocast, tf32=v.tf32
+                    )
             except Exception as error:  # e.g. float16 overflow: report it, go on
-                failed[label] = failure(error)
+                failed[v.label] = failure(error)
                 release(device)
                 continue
-            columns[label] = layer_errors(fitted, reference)
+            columns[v.label] = layer_errors(fitted, reference)
         table = Table(
             f"Fit correctness: {name} ({size} px, {len(data)}×{config.correctness_batch} "
             f"images) on {device.type}, relative error against a CPU float64 fit",

@@ -55,7 +55,7 @@ def test_tiny_cpu_run_produces_every_row_of_the_report(tmp_path: Path) -> None:
     # fit correctness: one table per model, a row per layer and a max row
     max_rows = _rows(report, "**max**")
     assert len(max_rows) == len(config.correctness)
-    labels = [label for label, _, _ in gpu_check.fit_variants(torch.device("cpu"))]
+    labels = [v.label for v in gpu_check.fit_variants(torch.device("cpu"))]
     for row in max_rows:
         assert len(row) == 1 + len(labels)
         errors = dict(zip(labels, map(float, row[1:])))
