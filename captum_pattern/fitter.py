@@ -314,11 +314,14 @@ def _report_zeros(patterns: Patterns, outputs: Sequence[str]) -> None:
                 line += f" — outputs {shown} are explained by zeros with this pattern type"
             lines.append(line)
     if lines:
+        lines.sort(key=lambda line: "are explained by zeros" not in line)  # output layers first
+        shown = lines[:5] + ([f"and {len(lines) - 5} more layers"] if len(lines) > 5 else [])
         warnings.warn(
             "PatternFitter: some patterns are zero (no sample of the data fell in that regime, "
             "e.g. a class whose output was never positive, or the output did not vary): "
-            + "; ".join(lines)
-            + ". Fit on more varied data, or use pattern_type='linear' for those outputs",
+            + "; ".join(shown)
+            + ". Fit on more varied data, or use pattern_type='linear' for those outputs "
+            "(Patterns.summary() lists every layer)",
             UserWarning,
             stacklevel=3,
         )
