@@ -56,6 +56,21 @@ def _swin() -> nn.Module:
     )
 
 
+def _maxvit() -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[8],
+        block_layers=[1],
+        head_dim=4,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
 CASES: dict[str, Case] = {
     "AlexNet": Case(lambda: tvm.alexnet(num_classes=10), 64, "exact", slow=True),
     "VGG-11-BN": Case(lambda: tvm.vgg11_bn(num_classes=10), 32, "exact", slow=True),
@@ -113,6 +128,7 @@ CASES: dict[str, Case] = {
     ),
     "ViT": Case(_vit, 32, "refused", refused_for=("layer_norm", "gelu")),
     "Swin": Case(_swin, 32, "refused", refused_for=("layer_norm", "gelu", "softmax")),
+    "MaxViT": Case(_maxvit, 32, "refused", refused_for=("gelu", "layer_norm", "softmax")),
 }
 
 
