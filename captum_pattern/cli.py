@@ -171,7 +171,6 @@ def _stem(spec: str) -> str:
 
 # ------------------------------------------------------------------ explain
 def _explain(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
     import torch
 
     from .compare import METHODS, explain
@@ -249,8 +248,7 @@ def _explain(args: argparse.Namespace) -> int:
     for path, group_rows in figures:
         images = torch.stack([row[1] for row in group_rows])
         explanations = {n: torch.stack([row[2][n] for row in group_rows]) for n in kept}
-        fig = comparison_grid(images, explanations, groups, [row[3] for row in group_rows], path)
-        plt.close(fig)
+        comparison_grid(images, explanations, groups, [row[3] for row in group_rows], path)
         written.append(path)
     for path in written:
         print(f"wrote {path.resolve()}")
@@ -365,10 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: modules of the ``demo`` extra (``pip install "captum-pattern[demo]"``)
+APP_MODULES = ("torchvision", "sklearn", "PIL", "matplotlib", "tqdm")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in APP_MODULES:
+            raise
+        print(
+            f"error: 'captum-pattern {args.command}' needs {exc.name}, part of the application "
+            'extra: pip install "captum-pattern[demo]"',
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

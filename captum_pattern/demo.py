@@ -16,7 +16,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
@@ -125,10 +124,9 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
         for t, p, c in zip(labels, predicted, confidence)
     ]
     figure_path = out / "comparison.png"
-    fig = comparison_grid(
+    comparison_grid(
         x, explanations, {n: METHODS[n].group for n in explanations}, titles, figure_path
     )
-    plt.close(fig)
     stages["draw"] = time.perf_counter() - mark
     seconds = time.perf_counter() - start
     summary_path = out / "summary.txt"
