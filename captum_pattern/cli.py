@@ -173,6 +173,7 @@ def _stem(spec: str) -> str:
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
+    from .canonize import model_state_guard
     from .compare import METHODS, explain
     from .images import class_names, image_paths, load_images, load_model
     from .patterns import Patterns
@@ -197,7 +198,7 @@ def _explain(args: argparse.Namespace) -> int:
         chunk = files[i : i + args.batch_size]
         x, shown = load_images(chunk, args.image_size)
         x = x.to(device=device, dtype=dtype)
-        with torch.no_grad():
+        with model_state_guard(model), torch.no_grad():
             probabilities = model(x).softmax(1)
         if args.target is not None and not 0 <= args.target < probabilities.shape[1]:
             print(

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..canonize import model_state_guard
+
 __all__ = ["Degradation", "patch_degradation", "patch_scores"]
 
 AttributionSource = Tensor | Callable[[Tensor, Tensor], Tensor] | Any
@@ -159,9 +161,7 @@ def patch_degradation(
             return model(x)
         return torch.cat([model(part) for part in x.split(batch_size)])
 
-    was_training = model.training
-    model.eval()
-    try:
+    with model_state_guard(model):
         with torch.no_grad():
             logits = forward(images)
             predicted = logits.argmax(1)
@@ -194,8 +194,6 @@ def patch_degradation(
                 probs = forward(perturbed).softmax(1)
                 columns.append(probs.gather(1, target[:, None])[:, 0])
         curves = torch.stack(columns, 1).cpu().reshape(len(orders), n, steps + 1)
-    finally:
-        model.train(was_training)
     return Degradation(
         curves[0], curves[1] if random_baseline else None, predicted.cpu(), patch_size
     )
