@@ -455,9 +455,16 @@ def _count(minimum: int) -> Any:
     return parse
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .images import INTERPOLATIONS
+def _interpolation(text: str) -> str:
+    """An argparse type: one of :data:`~captum_pattern.images.INTERPOLATIONS`."""
+    from .images import INTERPOLATIONS  # only when the option is given: torchvision is slow
 
+    if text.lower() not in INTERPOLATIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(INTERPOLATIONS)}")
+    return text.lower()
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         help="torchvision model name (vgg16, resnet50, ...) or package.module:function "
@@ -485,8 +492,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--interpolation",
-        choices=INTERPOLATIONS,
-        help="resize interpolation; default: the weights' own, else bilinear",
+        type=_interpolation,
+        help="resize interpolation: bilinear, bicubic, nearest, lanczos, box or hamming; "
+        "default: the weights' own, else bilinear",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 

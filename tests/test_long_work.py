@@ -294,3 +294,13 @@ def _classifier_224():
     return torch.nn.Sequential(
         torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(16, 3)
     )
+
+
+def test_interpolation_is_checked_without_importing_torchvision_otherwise(capsys):
+    from captum_pattern.cli import build_parser
+
+    args = build_parser().parse_args(["fit", MODEL, "imgs", "--interpolation", "BICUBIC"])
+    assert args.interpolation == "bicubic"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", MODEL, "imgs", "--interpolation", "cubic"])
+    assert "choose from nearest, bilinear, bicubic" in capsys.readouterr().err
