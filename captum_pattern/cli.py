@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,58 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------ shared checks
+class _Refused(Exception):
+    """A problem found before the long work: printed as ``error: ...``, exit status 2."""
+
+
+def _writable_file(path: Path, what: str) -> None:
+    """Refuse now what would fail after the work: a folder, or a place we cannot write."""
+    if path.is_dir():
+        raise _Refused(f"{what} {path} is a folder; give a file name (e.g. {path / 'x'}...)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
+            pass
+    except OSError as exc:
+        raise _Refused(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
+    if path.exists() and not os.access(path, os.W_OK):
+        raise _Refused(f"cannot write {what} {path}: the file is read-only")
+
+
+def _writable_folder(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise _Refused(f"{what} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".captum-pattern-", delete=True):
+            pass
+    except OSError as exc:
+        raise _Refused(f"cannot write into {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _preprocessing(args: argparse.Namespace) -> Any:
+    from .images import preprocessing_for
+
+    return preprocessing_for(
+        args.model, args.weights, args.resize, args.image_size, args.interpolation
+    )
+
+
+def _check_headers(files: Sequence[Path]) -> None:
+    """Open every image's header (cheap): a non-image or damaged header fails now, named."""
+    from PIL import Image
+
+    from .images import UnreadableImageError
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()  # PNG: checks every chunk's CRC; others: the header
+        except Exception as exc:
+            raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
 # ---------------------------------------------------------------------- fit
 def _checkpoint_batches(path: Path) -> int:
     """Batches a fitter checkpoint holds (0 when there is none or it is unreadable)."""
@@ -85,41 +140,101 @@ def _checkpoint_batches(path: Path) -> int:
         return 0  # the fitter reports what is wrong with it
 
 
+def _fit_plan(
+    args: argparse.Namespace, files: list[Path], settings_file: Path, skip: int
+) -> tuple[list[Path], list[int]]:
+    """The images of the fit, in batch order, and the batches an earlier run dropped.
+
+    A resumed fit keeps its first run's list (so every batch holds the same
+    images): images removed since are left out of their batches with a
+    warning; images added since, or other changed settings, refuse the resume.
+    """
+    if not (skip and settings_file.exists()):
+        return files, []
+    try:
+        earlier = json.loads(settings_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise _Refused(f"cannot resume: {settings_file} is damaged ({exc}); start over") from exc
+    settings = _data_settings(args, files)
+    keys = [k for k in settings if k != "images"]
+    changed = sorted(k for k in keys if earlier.get(k) != settings[k])
+    if changed:
+        raise _Refused(
+            f"cannot resume {settings_file.name[: -len('.json')]}: {', '.join(changed)} changed "
+            "since it was written, so the batches would not be the same; use the same settings, "
+            "or start over without --resume"
+        )
+    plan = [Path(p) for p in earlier.get("images", [])]
+    known = {str(p) for p in plan}
+    added = [str(p) for p in (f.resolve() for f in files) if str(p) not in known]
+    if added:
+        raise _Refused(
+            f"cannot resume: {len(added)} image(s) were added since the checkpoint "
+            f"({', '.join(added[:3])}); the batches would not be the same: start over without "
+            "--resume (images removed since are fine)"
+        )
+    present = {str(f.resolve()) for f in files}
+    removed = [p for p in plan if str(p) not in present]
+    if removed:
+        shown = ", ".join(p.name for p in removed[:3])
+        print(f"note: {len(removed)} image(s) removed since the checkpoint are left out ({shown})")
+    return plan, list(earlier.get("dropped_batches", []))
+
+
 def _fit(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from .fitter import PatternFitter
-    from .images import ImageFiles, ResumableBatches, image_transform, load_model
+    from .images import ImageFiles, ResumableBatches, UnreadableImageError, image_paths, load_model
 
-    device = torch.device(args.device)
-    model = load_model(args.model, args.weights, args.num_classes, args.seed).to(device)
-    dataset = ImageFiles([args.images], image_transform(args.image_size))
-    if len(dataset) == 0:
-        print(f"error: no image files under {args.images}", file=sys.stderr)
-        return 2
     out = Path(args.out or f"{_stem(args.model)}.patterns.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint or f"{out}.checkpoint")
     settings_file = Path(f"{checkpoint}.json")
-    settings = _data_settings(args, dataset)
+    _writable_file(out, "--out")
+    _writable_file(checkpoint, "--checkpoint")
+    files = image_paths([args.images])
+    if not files:
+        raise _Refused(f"no image files under {args.images}")
     skip = _checkpoint_batches(checkpoint) if args.resume else 0
-    if skip and settings_file.exists():
-        earlier = json.loads(settings_file.read_text())
-        changed = sorted(k for k in settings if earlier.get(k) != settings[k])
-        if changed:
-            print(
-                f"error: cannot resume {checkpoint}: {', '.join(changed)} changed since it was "
-                "written, so the batches would not be the same; use the same settings, or "
-                "start over without --resume",
-                file=sys.stderr,
-            )
-            return 2
+    plan, dropped = _fit_plan(args, files, settings_file, skip)
+    if args.on_bad_image == "error":
+        try:
+            _check_headers([p for p in plan if p.exists()])
+        except UnreadableImageError as exc:
+            raise _Refused(
+                f"{exc}; remove or replace it, or skip unreadable images with --on-bad-image skip"
+            ) from exc
+    device = torch.device(args.device)
+    model = load_model(args.model, args.weights, args.num_classes, args.seed).to(device)
+    preprocessing = _preprocessing(args)
+    print(f"images: {preprocessing.describe()}")
+    dataset = ImageFiles(plan, preprocessing, search=False)
     if not args.resume and checkpoint.exists():
         print(f"note: starting over; {checkpoint} is from an earlier fit (--resume continues it)")
+    settings = {**_data_settings(args, plan), "dropped_batches": dropped}
     settings_file.write_text(json.dumps(settings, indent=1))
+    skipped: list[Path] = []
+
+    def unreadable(error: UnreadableImageError) -> None:
+        if args.on_bad_image == "error" and error.path.exists():
+            raise error
+        skipped.append(error.path)
+        warnings.warn(f"skipped {error}", stacklevel=1)
+
+    def dropped_batch(index: int) -> None:
+        settings["dropped_batches"].append(index)
+        settings_file.write_text(json.dumps(settings, indent=1))
+
     batches = ResumableBatches(
-        dataset, args.batch_size, args.workers, pin_memory=device.type == "cuda", skip=skip
+        dataset,
+        args.batch_size,
+        args.workers,
+        pin_memory=device.type == "cuda",
+        skip=skip,
+        on_unreadable=unreadable,
+        dropped=dropped,
+        on_dropped=dropped_batch,
     )
     n_batches = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
     total = min(len(dataset), n_batches * args.batch_size)
@@ -143,20 +258,32 @@ def _fit(args: argparse.Namespace) -> int:
         bar.close()
         print(f"\ninterrupted; continue with the same command and --resume ({checkpoint})")
         return 130
+    except UnreadableImageError as exc:
+        bar.close()
+        raise _Refused(
+            f"{exc}. Replace or remove the file and continue with the same command and "
+            f"--resume ({checkpoint} keeps the batches done), or skip such images with "
+            "--on-bad-image skip"
+        ) from exc
     bar.close()
     patterns.save(out)
     checkpoint.unlink(missing_ok=True)
     settings_file.unlink(missing_ok=True)
     print(patterns.summary())
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:5])
+        print(f"skipped {len(skipped)} unreadable image(s): {names}", file=sys.stderr)
     print(f"wrote {out.resolve()}")
     return 0
 
 
-def _data_settings(args: argparse.Namespace, dataset: Any) -> dict[str, Any]:
+def _data_settings(args: argparse.Namespace, files: Sequence[Path]) -> dict[str, Any]:
     """What decides which images each batch holds (checked when resuming)."""
     return {
-        "images": [str(p.resolve()) for p in dataset.paths],
+        "images": [str(p.resolve()) for p in files],
         "image_size": args.image_size,
+        "resize": args.resize,
+        "interpolation": args.interpolation,
         "batch_size": args.batch_size,
         "model": args.model,
         "weights": args.weights,
@@ -171,50 +298,94 @@ def _stem(spec: str) -> str:
 
 # ------------------------------------------------------------------ explain
 def _explain(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
     import torch
 
-    from .compare import METHODS, explain
-    from .images import class_names, image_paths, load_images, load_model
+    from .canonize import model_state_guard
+    from .images import UnreadableImageError, class_names, image_paths, load_model, read_image
     from .patterns import Patterns
-    from .visualization import comparison_grid
 
+    out = Path(args.out)
+    _writable_folder(out, "--out")
+    files = image_paths(args.images)
+    if not files:
+        raise _Refused("no image files given")
     device = torch.device(args.device)
     dtype = getattr(torch, args.precision)
     model = load_model(args.model, args.weights, args.num_classes, args.seed)
     patterns = Patterns.load(args.patterns, model=model).to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
+    preprocessing = _preprocessing(args)
     names = class_names(args.model, model, args.labels)
-    methods = list(dict.fromkeys(args.methods))
-    files = image_paths(args.images)
-    if not files:
-        print("error: no image files given", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[Path, torch.Tensor, dict[str, torch.Tensor], str]] = []
-    failed: dict[str, str] = {}
+    report = _Report(list(dict.fromkeys(args.methods)), args.precision)
+    rows: list[_Row] = []
     for i in range(0, len(files), args.batch_size):
-        chunk = files[i : i + args.batch_size]
-        x, shown = load_images(chunk, args.image_size)
-        x = x.to(device=device, dtype=dtype)
-        with torch.no_grad():
+        chunk: list[tuple[Path, torch.Tensor]] = []
+        for path in files[i : i + args.batch_size]:
+            try:
+                chunk.append((path, preprocessing.display(read_image(path))))
+            except UnreadableImageError as exc:
+                report.unreadable.append(str(exc))
+                print(f"skipped {exc}", file=sys.stderr)
+        if not chunk:
+            continue
+        shown = torch.stack([image for _, image in chunk])
+        mean = torch.tensor(preprocessing.mean).reshape(1, -1, 1, 1)
+        std = torch.tensor(preprocessing.std).reshape(1, -1, 1, 1)
+        x = ((shown - mean) / std).to(device=device, dtype=dtype)
+        with model_state_guard(model), torch.no_grad():
             probabilities = model(x).softmax(1)
-        if args.target is not None and not 0 <= args.target < probabilities.shape[1]:
-            print(
-                f"error: --target {args.target} is not a class of this model "
-                f"(it has {probabilities.shape[1]} outputs)",
-                file=sys.stderr,
+        if args.target is not None and args.target >= probabilities.shape[1]:
+            raise _Refused(
+                f"--target {args.target} is not a class of this model "
+                f"(it has {probabilities.shape[1]} outputs)"
             )
-            return 2
         target = (
             probabilities.argmax(1)
             if args.target is None
             else torch.full_like(probabilities.argmax(1), args.target)
         )
-        results: dict[str, torch.Tensor] = {}
-        for name in methods:
-            if name in failed:
+        results = report.explain(model, x, target, patterns)
+        new_rows = []
+        for k, (path, image) in enumerate(chunk):
+            t = int(target[k])
+            label = names[t] if names is not None and t < len(names) else f"class {t}"
+            title = f"{path.parent.name}/{path.name}\n{label} ({float(probabilities[k, t]):.2f})"
+            new_rows.append(_Row(path, image, {n: r[k].cpu() for n, r in results.items()}, title))
+        if not args.grid:  # each figure as soon as it is done
+            for row in new_rows:
+                report.draw(out / f"{len(rows):03d}_{row.path.stem}.png", [row])
+                rows.append(row)
+        else:
+            rows += new_rows
+    if args.grid and rows:
+        report.draw(out / "explanations.png", rows)
+    return report.finish(rows)
+
+
+@dataclass
+class _Row:
+    path: Path
+    image: Any
+    explanations: dict[str, Any]
+    title: str
+
+
+@dataclass
+class _Report:
+    """What ``explain`` ran, wrote and could not do, said at the end."""
+
+    methods: list[str]
+    precision: str
+    failed: dict[str, str] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    def explain(self, model: Any, x: Any, target: Any, patterns: Any) -> dict[str, Any]:
+        from .compare import METHODS, explain
+
+        results: dict[str, Any] = {}
+        for name in self.methods:
+            if name in self.failed:
                 continue
             try:
                 with warnings.catch_warnings():
@@ -223,41 +394,76 @@ def _explain(args: argparse.Namespace) -> int:
             except Exception as exc:  # Captum's methods do not support every model
                 if METHODS[name].needs_patterns:
                     raise
-                failed[name] = f"{type(exc).__name__}: {exc}"
-        for k, path in enumerate(chunk):
-            t = int(target[k])
-            label = names[t] if names is not None and t < len(names) else f"class {t}"
-            title = f"{path.parent.name}/{path.name}\n{label} ({float(probabilities[k, t]):.2f})"
-            rows.append((path, shown[k], {n: r[k].cpu() for n, r in results.items()}, title))
-    for name, reason in failed.items():
-        print(f"left out {name}: it failed on this model ({reason})", file=sys.stderr)
-    for name in methods:
-        bad = [row[0].name for row in rows if name in row[2] and not row[2][name].isfinite().all()]
-        if bad:
+                self.failed[name] = f"{type(exc).__name__}: {exc}"
+                print(
+                    f"left out {name}: it failed on this model ({self.failed[name]})",
+                    file=sys.stderr,
+                )
+        return results
+
+    def draw(self, path: Path, rows: list[_Row]) -> None:
+        import torch
+
+        from .compare import METHODS
+        from .visualization import comparison_grid
+
+        kept = [n for n in self.methods if n not in self.failed]
+        images = torch.stack([row.image for row in rows])
+        explanations = {n: torch.stack([row.explanations[n] for row in rows]) for n in kept}
+        groups = {n: METHODS[n].group for n in kept}
+        comparison_grid(images, explanations, groups, [row.title for row in rows], path)
+        self.written.append(path)
+        print(f"wrote {path.resolve()}", flush=True)
+
+    def finish(self, rows: list[_Row]) -> int:
+        for name in self.methods:
+            bad = [
+                row.path.name
+                for row in rows
+                if name in row.explanations and not row.explanations[name].isfinite().all()
+            ]
+            if bad:
+                print(
+                    f"{name} is not finite for {len(bad)} image(s) ({', '.join(bad[:3])}): the "
+                    f"values overflow {self.precision}; try --precision float64",
+                    file=sys.stderr,
+                )
+        if self.unreadable:
             print(
-                f"{name} is not finite for {len(bad)} image(s) ({', '.join(bad[:3])}): the values "
-                f"overflow {args.precision}; try --precision float64",
+                f"error: {len(self.unreadable)} image(s) could not be read and have no figure; "
+                f"the {len(self.written)} figure(s) of the others were written",
                 file=sys.stderr,
             )
-    kept = [n for n in methods if n not in failed]
-    groups = {n: METHODS[n].group for n in kept}
-    written = []
-    if args.grid:
-        figures = [(out / "explanations.png", rows)]
-    else:
-        figures = [(out / f"{j:03d}_{row[0].stem}.png", [row]) for j, row in enumerate(rows)]
-    for path, group_rows in figures:
-        images = torch.stack([row[1] for row in group_rows])
-        explanations = {n: torch.stack([row[2][n] for row in group_rows]) for n in kept}
-        fig = comparison_grid(images, explanations, groups, [row[3] for row in group_rows], path)
-        plt.close(fig)
-        written.append(path)
-    for path in written:
-        print(f"wrote {path.resolve()}")
-    return 0
+            return 1
+        return 0
 
 
 # ------------------------------------------------------------------- parser
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _interpolation(text: str) -> str:
+    """An argparse type: one of :data:`~captum_pattern.images.INTERPOLATIONS`."""
+    from .images import INTERPOLATIONS  # only when the option is given: torchvision is slow
+
+    if text.lower() not in INTERPOLATIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(INTERPOLATIONS)}")
+    return text.lower()
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -269,10 +475,26 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         help="state-dict file (.pth/.safetensors), or 'random' (seeded); default: "
         "torchvision's cache for a torchvision model (never downloaded), the factory's own",
     )
-    parser.add_argument("--num-classes", type=int, help="output size of a torchvision model")
+    parser.add_argument("--num-classes", type=_count(1), help="output size of a torchvision model")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument(
-        "--image-size", type=int, default=224, help="centre crop size (resize: 256/224 of it)"
+        "--image-size",
+        "--crop",
+        dest="image_size",
+        type=_count(1),
+        help="centre crop size; default: the weights' own for torchvision's weights, else 224",
+    )
+    parser.add_argument(
+        "--resize",
+        type=_count(1),
+        help="resize the short side to this first; default: the weights' own for torchvision's "
+        "weights, else 256/224 of the crop (a new --crop alone keeps the weights' ratio)",
+    )
+    parser.add_argument(
+        "--interpolation",
+        type=_interpolation,
+        help="resize interpolation: bilinear, bicubic, nearest, lanczos, box or hamming; "
+        "default: the weights' own, else bilinear",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -294,11 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="captum-pattern-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=8)
-    demo.add_argument("--images", type=int, default=6, help="number of test images to explain")
-    demo.add_argument("--size", type=int, default=32, help="image size the digits are upsampled to")
+    demo.add_argument("--epochs", type=_count(1), default=8)
     demo.add_argument(
-        "--threads", type=int, default=1, help="PyTorch CPU threads (0: keep the default)"
+        "--images", type=_count(1), default=6, help="number of test images to explain"
+    )
+    demo.add_argument(
+        "--size", type=_count(8), default=32, help="image size the digits are upsampled to"
+    )
+    demo.add_argument(
+        "--threads", type=_count(0), default=1, help="PyTorch CPU threads (0: keep the default)"
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
@@ -313,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(fit)
     fit.add_argument("images", help="image folder (ImageFolder layout or flat)")
     fit.add_argument("--out", help="patterns file (default: <model>.patterns.safetensors)")
-    fit.add_argument("--batch-size", type=int, default=32)
-    fit.add_argument("--max-batches", type=int, help="stop after this many batches")
-    fit.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    fit.add_argument("--batch-size", type=_count(1), default=32)
+    fit.add_argument("--max-batches", type=_count(1), help="stop after this many batches")
+    fit.add_argument("--workers", type=_count(0), default=4, help="DataLoader worker processes")
     fit.add_argument(
         "--pattern-types",
         nargs="+",
@@ -327,9 +553,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", help="checkpoint file (default: the output file + '.checkpoint')"
     )
     fit.add_argument(
-        "--checkpoint-every", type=int, default=50, help="save a checkpoint every N batches"
+        "--checkpoint-every",
+        type=_count(0),
+        default=50,
+        help="save a checkpoint every N batches (0: never)",
     )
-    fit.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint (images removed since are left out)",
+    )
+    fit.add_argument(
+        "--on-bad-image",
+        choices=["skip", "error"],
+        default="skip",
+        help="an image that cannot be read: skip it with a warning naming it (default), or "
+        "stop with an error naming it (headers are checked before the fit)",
+    )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
 
@@ -350,11 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_METHODS),
         help="methods, e.g. PatternNet PatternAttribution Saliency guided-backprop LRP",
     )
-    exp.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
+    exp.add_argument(
+        "--target", type=_count(0), help="class to explain (default: the predicted class)"
+    )
     exp.add_argument("--labels", help="class names, one per line")
     exp.add_argument("--out", default="explanations", help="output folder")
     exp.add_argument("--grid", action="store_true", help="one figure with a row per image")
-    exp.add_argument("--batch-size", type=int, default=8)
+    exp.add_argument("--batch-size", type=_count(1), default=8)
     exp.add_argument(
         "--precision",
         choices=["float32", "float64"],
@@ -365,10 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: modules of the ``demo`` extra (``pip install "captum-pattern[demo]"``)
+APP_MODULES = ("torchvision", "sklearn", "PIL", "matplotlib", "tqdm")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in APP_MODULES:
+            raise
+        print(
+            f"error: the command line needs {exc.name}, part of the application extra: "
+            'pip install "captum-pattern[demo]"',
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

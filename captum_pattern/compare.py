@@ -27,6 +27,7 @@ from captum.attr import (
 from torch import Tensor, nn
 
 from .attribution import PatternAttribution, PatternNet, select_targets
+from .canonize import model_state_guard
 from .patterns import Patterns
 
 __all__ = ["FIGURE_METHODS", "METHODS", "Method", "explain", "explain_in_batches", "method_names"]
@@ -151,18 +152,14 @@ def explain(
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
-    was_training = model.training
-    model.eval()
-    try:
-        results = {}
+    results = {}
+    with model_state_guard(model):
         for name in names:
             method = METHODS[name]
             if method.needs_patterns and patterns is None:
                 continue
             results[name] = method.run(model, patterns, inputs, target).detach()
-        return results
-    finally:
-        model.train(was_training)
+    return results
 
 
 def explain_in_batches(

@@ -16,10 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
+from .canonize import model_state_guard
 from .compare import FIGURE_METHODS, METHODS, explain
 from .fitter import PatternFitter
 from .patterns import Patterns
@@ -91,6 +91,7 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
         train_classifier(
             model, data.x_train, data.y_train, epochs=epochs, lr=2e-3, seed=seed, on_epoch=on_epoch
         )
+    model.eval()  # the demo's own model: trained, now only explained
     test_accuracy = accuracy(model, data.x_test, data.y_test)
     model_path = out / "digits_cnn.pt"
     torch.save(model.state_dict(), model_path)
@@ -108,7 +109,7 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
 
     mark = time.perf_counter()
     x, labels = _pick_examples(model, data.x_test, data.y_test, n_images)
-    with torch.no_grad():
+    with model_state_guard(model), torch.no_grad():
         logits = model(x)
     predicted = logits.argmax(1)
     confidence = logits.softmax(1).max(1).values
@@ -125,10 +126,9 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
         for t, p, c in zip(labels, predicted, confidence)
     ]
     figure_path = out / "comparison.png"
-    fig = comparison_grid(
+    comparison_grid(
         x, explanations, {n: METHODS[n].group for n in explanations}, titles, figure_path
     )
-    plt.close(fig)
     stages["draw"] = time.perf_counter() - mark
     seconds = time.perf_counter() - start
     summary_path = out / "summary.txt"
@@ -171,7 +171,7 @@ def _pick_examples(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first correctly classified test image of each of ``n`` classes."""
-    with torch.no_grad():
+    with model_state_guard(model), torch.no_grad():
         correct = model(x).argmax(1) == y
     chosen: list[int] = []
     seen: set[int] = set()

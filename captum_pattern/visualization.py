@@ -5,6 +5,12 @@ DeConvNet, Guided BackProp, PatternNet) are back-projections to input space,
 shown in the input's own colour channels after the normalisation
 ``x / (2 max|x|) + 0.5``; attributions (LRP, PatternAttribution, ...) are heat
 maps of per-pixel contributions, red positive and blue negative.
+
+Figures are built as :class:`matplotlib.figure.Figure` objects, without pyplot:
+nothing here chooses or changes the matplotlib backend (a notebook keeps its
+own), and ``Figure.savefig`` renders a file with the writer its extension asks
+for.  A returned figure needs no ``plt.close``; show it in a notebook by
+leaving it as the cell's value, or with ``IPython.display.display(fig)``.
 """
 
 from __future__ import annotations
@@ -13,11 +19,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from captum.attr import visualization as viz
@@ -129,9 +130,8 @@ def comparison_grid(
     """
     names = list(explanations)
     rows, cols = images.shape[0], len(names) + 1
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cell_size * cols, cell_size * rows + 0.4), squeeze=False
-    )
+    fig = Figure(figsize=(cell_size * cols, cell_size * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(rows):
         label = row_titles[i] if row_titles is not None else None
         show_explanation(images[i], "input", (fig, axes[i, 0]), label)

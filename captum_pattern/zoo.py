@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .canonize import model_state_guard
+
 __all__ = [
     "PHOTO_REGIONS",
     "SmallCNN",
@@ -131,14 +133,11 @@ class VGGStyle(nn.Module):
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Fraction of correct predictions (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
+    """Fraction of correct predictions, in eval mode (every module's mode restored after)."""
     correct = 0
-    with torch.no_grad():
+    with model_state_guard(model), torch.no_grad():
         for i in range(0, len(x), batch_size):
             correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-    model.train(was_training)
     return correct / max(len(x), 1)
 
 
@@ -155,26 +154,36 @@ def train_classifier(
 ) -> nn.Module:
     """Train with Adam and cross-entropy, deterministically for a given ``seed``.
 
-    ``on_epoch(epoch, mean_loss)`` is called after each epoch.  Returns the
-    model in eval mode.
+    ``on_epoch(epoch, mean_loss)`` is called after each epoch.  A model given
+    in training mode trains with its modules' own modes (a BatchNorm frozen
+    with ``.eval()`` stays frozen); a model given in eval mode trains with
+    every module in training mode.  Afterwards, also when training raises,
+    every module's mode and every ``requires_grad`` flag are as they were
+    (call ``.eval()`` before using the model for inference).  Returns the model.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            index = order[i : i + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(x[index]), y[index])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(index)
-        if on_epoch is not None:
-            on_epoch(epoch, total / len(x))
-    return model.eval()
+    modes = [(module, module.training) for module in model.modules()]
+    with model_state_guard(model):
+        if modes[0][1]:
+            for module, mode in modes:
+                module.training = mode
+        else:
+            model.train()
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            total = 0.0
+            for i in range(0, len(x), batch_size):
+                index = order[i : i + batch_size]
+                optimizer.zero_grad()
+                loss = loss_fn(model(x[index]), y[index])
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(index)
+            if on_epoch is not None:
+                on_epoch(epoch, total / len(x))
+    return model
 
 
 def upsample(split: Split, size: int) -> Split:

@@ -1,5 +1,6 @@
 """The ground-truth generators: seeded, and the signal is where and what they say."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from captum_pattern.datasets import (
     TETROMINO_SCENARIOS,
     WILMING_DISTRACTOR,
     WILMING_SIGNAL,
+    gaussian_filter,
     linear_toy,
     tetrominoes,
     wilming,
@@ -108,3 +110,12 @@ def test_photo_crops_are_seeded_images():
     assert a.x_train.shape == (30, 3, 32, 32)
     assert 0.0 <= float(a.x_train.min()) and float(a.x_train.max()) <= 1.0
     assert sorted(set(a.y_train.tolist())) == list(range(10))
+
+
+@pytest.mark.parametrize(("shape", "sigma"), [((8, 8), 3.0), ((64, 64), 10.0), ((5, 7), 1.5)])
+def test_gaussian_filter_is_scipys(shape, sigma):
+    """The numpy blur that keeps the core free of scipy computes what scipy computes."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    image = np.random.default_rng(0).normal(size=shape)
+    expected = ndimage.gaussian_filter(image, sigma)
+    np.testing.assert_allclose(gaussian_filter(image, sigma), expected, rtol=0, atol=1e-12)

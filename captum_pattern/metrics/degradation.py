@@ -13,6 +13,8 @@ through the model in one batched forward.
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..canonize import model_state_guard
+from ..errors import InvalidInputError
 
 __all__ = ["Degradation", "patch_degradation", "patch_scores"]
 
@@ -110,8 +115,8 @@ def patch_degradation(
     model: nn.Module,
     images: Tensor,
     attributions: AttributionSource,
-    patch_size: int = 9,
-    steps: int = 100,
+    patch_size: int | None = None,
+    steps: int | None = None,
     random_baseline: bool = True,
     fill: str = "image_mean",
     seed: int = 0,
@@ -129,8 +134,15 @@ def patch_degradation(
         A tensor shaped like ``images`` (or ``(N, H, W)``), a Captum attribution
         object (its ``attribute(images, target=predicted)`` is called) or a
         callable ``(images, predicted) -> attributions``.
-    patch_size, steps:
-        ``p`` and the number of steps ``N`` (at most the number of patches).
+    patch_size:
+        ``p``.  Default: the paper's 9 pixels at 224, scaled with the image,
+        ``max(1, round(9 · min(H, W) / 224))`` (9 at 224 px, 1 at 32 px or
+        less), so that small images get many patches rather than one.  A patch
+        that does not fit in the image is an error.
+    steps:
+        The number of steps ``N``.  Default: 100, or the number of patches
+        when there are fewer.  A larger number than there are patches is cut
+        to the number of patches, with a warning.
     random_baseline:
         Also run the random patch order (seeded by ``seed``).
     fill:
@@ -150,18 +162,17 @@ def patch_degradation(
     (torch.Size([5, 4]), torch.Size([5, 4]))
     """
     if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        raise InvalidInputError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if fill not in ("image_mean", "patch_mean"):
-        raise ValueError(f"fill must be 'image_mean' or 'patch_mean', got {fill!r}")
+        raise InvalidInputError(f"fill must be 'image_mean' or 'patch_mean', got {fill!r}")
+    patch_size, steps = _checked_sizes(images.shape[-2:], patch_size, steps)
 
     def forward(x: Tensor) -> Tensor:
         if batch_size is None or len(x) <= batch_size:
             return model(x)
         return torch.cat([model(part) for part in x.split(batch_size)])
 
-    was_training = model.training
-    model.eval()
-    try:
+    with model_state_guard(model):
         with torch.no_grad():
             logits = forward(images)
             predicted = logits.argmax(1)
@@ -175,7 +186,6 @@ def patch_degradation(
         n, _, h, w = images.shape
         scores = patch_scores(heat.float(), patch_size)
         count = scores.shape[1]
-        steps = min(steps, count)
         orders = [scores.argsort(dim=1, descending=True, stable=True)]
         if random_baseline:
             generator = torch.Generator().manual_seed(seed)
@@ -194,11 +204,47 @@ def patch_degradation(
                 probs = forward(perturbed).softmax(1)
                 columns.append(probs.gather(1, target[:, None])[:, 0])
         curves = torch.stack(columns, 1).cpu().reshape(len(orders), n, steps + 1)
-    finally:
-        model.train(was_training)
     return Degradation(
         curves[0], curves[1] if random_baseline else None, predicted.cpu(), patch_size
     )
+
+
+def _whole(value: Any, name: str) -> int:
+    """``value`` as an ``int`` of at least 1, or an :class:`InvalidInputError` naming ``name``."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise InvalidInputError(f"{name} must be a whole number >= 1, got {value!r}")
+    return number
+
+
+def _checked_sizes(
+    size: tuple[int, ...], patch_size: int | None, steps: int | None
+) -> tuple[int, int]:
+    """``patch_size`` and ``steps`` checked against the image size, defaults filled in."""
+    h, w = size
+    if patch_size is None:
+        patch_size = max(1, round(9 * min(h, w) / 224))
+    patch_size = _whole(patch_size, "patch_size")
+    if patch_size > min(h, w):
+        raise InvalidInputError(
+            f"patch_size {patch_size} does not fit in {h}×{w} images (it would leave one row "
+            f"or one patch); use at most {min(h, w)}, or leave patch_size out: the default "
+            "scales the paper's 9 px at 224 px with the image"
+        )
+    count = math.ceil(h / patch_size) * math.ceil(w / patch_size)
+    if steps is None:
+        return patch_size, min(100, count)
+    steps = _whole(steps, "steps")
+    if steps > count:
+        warnings.warn(
+            f"steps={steps} but {h}×{w} images have only {count} patches of {patch_size}×"
+            f"{patch_size}: the curves stop after {count} steps",
+            stacklevel=3,
+        )
+    return patch_size, min(steps, count)
 
 
 def _filler(images: Tensor, patch_size: int, fill: str) -> Tensor:
