@@ -335,53 +335,9 @@ def tetrominoes(
     >>> data.x.shape, int(data.mask[0].sum()), int(data.y.sum())
     (torch.Size([8, 1, 8, 8]), 8, 4)
     """
-    if scenario not in TETROMINO_SCENARIOS:
-        raise ValueError(f"unknown scenario {scenario!r}; expected one of {TETROMINO_SCENARIOS}")
-    if background not in ("white", "correlated"):
-        raise ValueError(f"background must be 'white' or 'correlated', got {background!r}")
-    if size % 8:
-        raise ValueError(f"size must be a multiple of 8, got {size}")
-    if alpha is None:
-        if (size, scenario, background) not in TETROMINO_ALPHA:
-            raise ValueError(f"no XAI-TRIS signal weight for size {size}; give alpha")
-        alpha = TETROMINO_ALPHA[(size, scenario, background)]
-    if smoothing is None:
-        smoothing = {8: 3.0, 64: 10.0}.get(size)
-        if smoothing is None and background == "correlated":
-            raise ValueError(f"no XAI-TRIS smoothing for size {size}; give smoothing")
+    alpha, smoothing = _tetromino_settings(scenario, background, size, alpha, smoothing)
     rng = np.random.default_rng(seed)
-    scale = size // 8
-    labels = np.concatenate([np.zeros(n // 2), np.ones(n - n // 2)]).astype(np.int64)
-    patterns = np.zeros((n, size, size))
-    masks = np.zeros((n, size, size), dtype=bool)
-    shapes = (_shape(_T, scale), _shape(_L, scale))
-    places = [(r * scale, c * scale) for r, c in _POSITIONS]
-    union = np.zeros((size, size))
-    for shape, (r, c) in zip(shapes, places):
-        _place(union, shape, r, c)
-    union_mask = _smooth_pattern(union, scale) >= 0.05
-    if scenario == "xor":
-        signs = np.array([(1, 1), (-1, -1), (1, -1), (-1, 1)])
-        combo = np.repeat(np.arange(4), -(-n // 4))[:n]
-        labels = (combo >= 2).astype(np.int64)
-    rigid_scale = max(1, scale // 2)
-    for i in range(n):
-        canvas = np.zeros((size, size))
-        if scenario == "rigid":
-            shape = np.rot90(_shape((_T, _L)[labels[i]], rigid_scale), k=int(rng.integers(4)))
-            row = int(rng.integers(0, size - shape.shape[0] + 1))
-            col = int(rng.integers(0, size - shape.shape[1] + 1))
-            _place(canvas, shape, row, col)
-            patterns[i] = _smooth_pattern(canvas, rigid_scale)
-            masks[i] = patterns[i] >= 0.05
-            continue
-        if scenario == "xor":
-            for k, (shape, (r, c)) in enumerate(zip(shapes, places)):
-                _place(canvas, signs[combo[i], k] * shape, r, c)
-        else:
-            _place(canvas, shapes[labels[i]], *places[labels[i]])
-        patterns[i] = _smooth_pattern(canvas, scale)
-        masks[i] = union_mask
+    labels, patterns, masks = _tetromino_signals(n, scenario, size, rng)
     noise = rng.normal(0.0, 0.5, (n, size, size))
     if background == "correlated":
         noise = np.stack([gaussian_filter(b, smoothing) for b in noise])
@@ -406,3 +362,63 @@ def tetrominoes(
         torch.from_numpy(signal[order].reshape(shape4)).float(),
         name=f"tetrominoes {scenario} {background} {size}×{size} α={alpha}",
     )
+
+
+def _tetromino_settings(
+    scenario: str, background: str, size: int, alpha: float | None, smoothing: float | None
+) -> tuple[float, float]:
+    """Check the arguments; the signal weight and smoothing σ (XAI-TRIS defaults)."""
+    if scenario not in TETROMINO_SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {TETROMINO_SCENARIOS}")
+    if background not in ("white", "correlated"):
+        raise ValueError(f"background must be 'white' or 'correlated', got {background!r}")
+    if size % 8:
+        raise ValueError(f"size must be a multiple of 8, got {size}")
+    if alpha is None:
+        if (size, scenario, background) not in TETROMINO_ALPHA:
+            raise ValueError(f"no XAI-TRIS signal weight for size {size}; give alpha")
+        alpha = TETROMINO_ALPHA[(size, scenario, background)]
+    if smoothing is None:
+        smoothing = {8: 3.0, 64: 10.0}.get(size)
+        if smoothing is None and background == "correlated":
+            raise ValueError(f"no XAI-TRIS smoothing for size {size}; give smoothing")
+    return alpha, 0.0 if smoothing is None else smoothing
+
+
+def _tetromino_signals(
+    n: int, scenario: str, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, the signal images (shapes, maybe blurred) and the masks they are scored on."""
+    scale = size // 8
+    labels = np.concatenate([np.zeros(n // 2), np.ones(n - n // 2)]).astype(np.int64)
+    patterns = np.zeros((n, size, size))
+    masks = np.zeros((n, size, size), dtype=bool)
+    shapes = (_shape(_T, scale), _shape(_L, scale))
+    places = [(r * scale, c * scale) for r, c in _POSITIONS]
+    union = np.zeros((size, size))
+    for shape, (r, c) in zip(shapes, places):
+        _place(union, shape, r, c)
+    union_mask = _smooth_pattern(union, scale) >= 0.05
+    signs, combo = np.array([(1, 1), (-1, -1), (1, -1), (-1, 1)]), np.zeros(n, dtype=np.int64)
+    if scenario == "xor":
+        combo = np.repeat(np.arange(4), -(-n // 4))[:n]
+        labels = (combo >= 2).astype(np.int64)
+    rigid_scale = max(1, scale // 2)
+    for i in range(n):
+        canvas = np.zeros((size, size))
+        if scenario == "rigid":
+            shape = np.rot90(_shape((_T, _L)[labels[i]], rigid_scale), k=int(rng.integers(4)))
+            row = int(rng.integers(0, size - shape.shape[0] + 1))
+            col = int(rng.integers(0, size - shape.shape[1] + 1))
+            _place(canvas, shape, row, col)
+            patterns[i] = _smooth_pattern(canvas, rigid_scale)
+            masks[i] = patterns[i] >= 0.05
+            continue
+        if scenario == "xor":
+            for k, (shape, (r, c)) in enumerate(zip(shapes, places)):
+                _place(canvas, signs[combo[i], k] * shape, r, c)
+        else:
+            _place(canvas, shapes[labels[i]], *places[labels[i]])
+        patterns[i] = _smooth_pattern(canvas, scale)
+        masks[i] = union_mask
+    return labels, patterns, masks
