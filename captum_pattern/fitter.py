@@ -310,8 +310,8 @@ def _report_zeros(patterns: Patterns, outputs: Sequence[str]) -> None:
             line = f"layer {name!r} ({kind}): {count} of {mask.numel()} neurons"
             if name in outputs:
                 indices = mask.nonzero().flatten().tolist()
-                shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
-                line += f" — outputs {shown} are explained by zeros with this pattern type"
+                listed = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+                line += f" — outputs {listed} are explained by zeros with this pattern type"
             lines.append(line)
     if lines:
         lines.sort(key=lambda line: "are explained by zeros" not in line)  # output layers first
