@@ -4,7 +4,8 @@ Two operations, both without ever building a tensor of patches:
 
 * :meth:`LayerGeometry.patch_sums` — ``Σ_samples patch(x) ⊗ f`` for a stack of
   per-neuron signals ``f``: the weight gradient of the layer with ``f`` as the
-  output gradient (one GEMM of the forward's size per signal, DESIGN §3).
+  output gradient (one GEMM of the forward's size per signal; docs/method.md, "Fitting:
+  one pass, no patches").
 * :meth:`LayerGeometry.input_vjp` — the layer's transposed application with a
   substituted weight: the backward pass of PatternNet / PatternAttribution.
 """
