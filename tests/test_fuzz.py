@@ -127,7 +127,7 @@ def _expected_folds(model: FuzzNet) -> dict[str, str]:
     for name, m in model.named_modules():
         if isinstance(m, ConvBlock) and m.bn is not None:
             folds[f"{name}.conv"] = f"{name}.bn"
-        elif isinstance(m, nn.Sequential) and isinstance(m[-1], nn.BatchNorm2d):
+        elif isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
             folds[f"{name}.0"] = f"{name}.1"
     return folds
 
