@@ -7,7 +7,7 @@
 Trains the digits CNN and the VGG-style net exactly as ``pytest benchmarks`` does
 (``suite.paper_setups``), then times ρ against one fitting pass (timings on a shared
 machine are reported, never asserted) and draws the paper's Fig. 1/6 layout for four test
-images per net.  Writes ``report.md``, ``report.json``, ``speed.json``, ``examples.json``
+images per net.  Writes ``report.md``, ``report.json``, ``speed_rho.json``, ``examples.json``
 and the figures ``examples_digits.png`` and ``examples_vgg_style.png`` into the results
 folder.
 """
@@ -63,7 +63,9 @@ def rho_speed(setups: dict[str, Setup], config: Config, results: Results) -> Non
         f"{config.speed_repeats} runs on a shared 2-core machine; the last three columns "
         "split the fastest ρ run into its phases."
     )
-    results.add("speed", "ρ evaluation time against a fitting pass", table + "\n\n" + note, data)
+    results.add(
+        "speed_rho", "ρ evaluation time against a fitting pass", table + "\n\n" + note, data
+    )
 
 
 def _rho_against_fit(name: str, s: Setup, images: Tensor, config: Config, rows, data) -> None:
