@@ -2,6 +2,7 @@
 
 ``results.md`` and ``results.json`` in the results folder hold every section of
 the run, in a fixed order; each benchmark's figures sit next to them.
+``python benchmarks/report.py`` writes ``report.md`` and ``report.json`` the same way.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class Results:
-    """Collects the sections of one benchmark run and writes them."""
+    """Collects the sections of one benchmark run and writes them to ``{stem}.md/json``."""
 
     root: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    stem: str = "results"
+    title: str = "captum-pattern benchmark results"
     sections: dict[str, tuple[str, str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -82,7 +85,7 @@ class Results:
         print(f"\n## {title}\n\n{markdown}\n")
 
     def write(self) -> None:
-        """``results.md`` and ``results.json`` with every section, in the fixed order."""
+        """``{stem}.md`` and ``{stem}.json`` with every section, in the fixed order."""
 
         def rank(key: str) -> tuple[int, str]:
             prefixes = [i for i, p in enumerate(SECTION_ORDER) if key.startswith(p)]
@@ -91,7 +94,7 @@ class Results:
         keys = sorted(self.sections, key=rank)
         elapsed = time.time() - self.started
         lines = [
-            "# captum-pattern benchmark results",
+            f"# {self.title}",
             "",
             f"Settings: `{json.dumps(self.settings)}`; wall time of the session {elapsed:.0f} s.",
             "",
@@ -99,7 +102,7 @@ class Results:
         for key in keys:
             title, markdown, _ = self.sections[key]
             lines += [f"## {title}", "", markdown, ""]
-        (self.root / "results.md").write_text("\n".join(lines))
+        (self.root / f"{self.stem}.md").write_text("\n".join(lines))
         everything = {"settings": self.settings, "seconds": elapsed}
         everything |= {key: self.sections[key][2] for key in keys}
-        (self.root / "results.json").write_text(json.dumps(_jsonable(everything), indent=1))
+        (self.root / f"{self.stem}.json").write_text(json.dumps(_jsonable(everything), indent=1))

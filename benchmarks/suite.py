@@ -1,5 +1,7 @@
 """What the benchmarks share: the run's sizes, the models, training, fitting, timing, plots.
 
+Used by the tests of ``pytest benchmarks`` and by ``python benchmarks/report.py``.
+
 Every model is built only from module types Captum's LRP supports (``Linear``,
 ``Conv2d``, ``ReLU``, ``MaxPool2d``, ``Dropout``; flattening in ``forward``)
 and trained here from a fixed seed, so every method runs on it and a run is
@@ -14,16 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib as mpl
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from captum_pattern import PatternFitter, Patterns
 from captum_pattern.compare import METHODS, explain_in_batches
-from captum_pattern.zoo import VGGStyle, accuracy, train_classifier
+from captum_pattern.zoo import SmallCNN, VGGStyle, accuracy, digits, photo_crops, train_classifier
 
 #: every method of the comparison, in table order
 ALL_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -183,6 +183,67 @@ def fit_patterns(model: nn.Module, x: Tensor, batch_size: int = 256) -> Patterns
     return PatternFitter(model).fit(x.split(batch_size))
 
 
+@dataclass
+class Setup:
+    """A trained network with the paper's three splits and its patterns (from split 1)."""
+
+    name: str
+    model: nn.Module
+    accuracy: float
+    train_seconds: float
+    split1: Tensor  # patterns
+    split2: Tensor  # v
+    test_x: Tensor  # scores
+    test_y: Tensor
+    patterns: Patterns
+    patch: int
+    steps: int
+    batch: int = 64
+
+
+def paper_setups(config: Config) -> dict[str, Setup]:
+    """The digits CNN and the VGG-style net, trained, with patterns from split 1.
+
+    Digits: patterns on the first half of the training images, ``v`` on the
+    second half.  VGG-style: ``config.rho_split`` images for each.
+    """
+    d = digits(seed=0)
+    small = train(SmallCNN, d.x_train, d.y_train, d.x_test, d.y_test, config.digits_epochs, lr=2e-3)
+    half = len(d.x_train) // 2
+    n = config.rho_split
+    photos = photo_crops(max(config.vgg_train, 2 * n), n, size=config.vgg_size, seed=0)
+    x, y = photos.x_train[: config.vgg_train], photos.y_train[: config.vgg_train]
+    vgg = train(lambda: vgg_style(config), x, y, photos.x_test, photos.y_test, config.vgg_epochs)
+    splits = {
+        "digits CNN": (small, d.x_train[:half], d.x_train[half:], d.x_test, d.y_test, 2, 16),
+        "VGG-style": (
+            vgg,
+            photos.x_train[:n],
+            photos.x_train[n : 2 * n],
+            photos.x_test,
+            photos.y_test,
+            config.degradation_patch,
+            config.degradation_steps,
+        ),
+    }
+    setups = {}
+    for name, (trained, split1, split2, test_x, test_y, patch, steps) in splits.items():
+        setups[name] = Setup(
+            name=name,
+            model=trained.model,
+            accuracy=trained.accuracy,
+            train_seconds=trained.seconds,
+            split1=split1,
+            split2=split2,
+            test_x=test_x,
+            test_y=test_y,
+            patterns=fit_patterns(trained.model, split1, batch_size=64),
+            patch=patch,
+            steps=steps,
+        )
+    return setups
+
+
 def explain_all(
     model: nn.Module,
     x: Tensor,
@@ -231,7 +292,8 @@ STYLE = {
 
 def plot_rho(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str) -> None:
     """Fig. 3: mean ρ per layer (x) for each estimator, one panel per model."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, table) in zip(axes[0], panels.items()):
         layers = list(table)
         for est, (colour, line) in STYLE.items():
@@ -250,13 +312,13 @@ def plot_rho(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str)
     axes[0, -1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_degradation(panels: Mapping[str, Mapping[str, Tensor]], path: str) -> None:
     """Fig. 4: mean probability of the predicted class vs patches replaced."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.8), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    fig = Figure(figsize=(5.6 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    colours = mpl.colormaps["tab20"].colors
     for ax, (title, curves) in zip(axes[0], panels.items()):
         for i, (name, curve) in enumerate(curves.items()):
             dashed = name.startswith("random order")
@@ -274,4 +336,3 @@ def plot_degradation(panels: Mapping[str, Mapping[str, Tensor]], path: str) -> N
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -104,13 +104,17 @@ class PatternStatistics:
 
     Examples
     --------
+    A dense layer with references left at zero (so ``x̃ = x``, ``ỹ = y``):
+
     >>> import torch
-    >>> w = torch.tensor([[1.0, -1.0]])
+    >>> w = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> y = x @ w.T  # (samples, neurons), without the bias
     >>> st = PatternStatistics(w.shape, 1, required_stats(["linear"]))
-    >>> st.update_from_samples(x, x @ w.double().T, torch.zeros(1))
+    >>> st.add(len(x), {"y": y.T @ x, "x": x.sum(0, keepdim=True)}, {"s_y": y.sum(0)})
     >>> a = st.solve(w)["linear"][0]
-    >>> bool(torch.allclose((a * w).sum(), torch.tensor(1.0, dtype=torch.float64)))
+    >>> xc, yc = x - x.mean(0), y - y.mean(0)
+    >>> bool(torch.allclose(a, (yc.T @ xc) / (yc.T @ yc)))  # Eq. 4: cov[x, y] / σ²_y
     True
     """
 
@@ -219,29 +223,7 @@ class PatternStatistics:
             return self.n.reshape((1,) * len(self.weight_shape))
         return self.scalars[_SCALAR_OF[key]].reshape(-1, *trailing)
 
-    def update_from_samples(self, x: Tensor, y: Tensor, bias: Tensor | None) -> None:
-        """Reference path for dense samples: ``x`` ``(S, D)``, ``y = x wᵀ`` ``(S, O)``.
-
-        Used by tests and for tiny layers; the fitter uses weight-gradient ops.
-        Only for ``groups == 1``.
-        """
-        if self.groups != 1:
-            raise ValueError("update_from_samples supports groups == 1 only")
-        x = x.to(self.device, torch.float64)
-        y = y.to(self.device, torch.float64)
-        if not self.has_reference:
-            self.set_reference(x.mean(0), y.mean(0))
-        xc = x - self.x_ref.reshape(1, -1)
-        gate = (y + (0.0 if bias is None else bias.to(y)) > 0).to(y.dtype)
-        yc = y - self.y_ref
-        parts = {"gy": gate * yc, "g": gate, "y": yc}
-        sums = {k: parts[k].T @ xc for k in self.stats if k != "x"}
-        if "x" in self.stats:
-            sums["x"] = xc.sum(0, keepdim=True)
-        scalars = {"n_pos": gate.sum(0), "s_y": yc.sum(0), "s_gy": (gate * yc).sum(0)}
-        self.add(x.shape[0], sums, scalars)
-
-    # ----------------------------------------------------------- merge/rebase
+    # ------------------------------------------------------------- reduce/rebase
     def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
         """Sum these statistics with other processes' through ``all_reduce`` (in place).
 
@@ -295,31 +277,6 @@ class PatternStatistics:
         sc["s_y"] = sc["s_y"] + n * dr
         sc["s_gy"] = sc["s_gy"] + sc["n_pos"] * dr
         self.x_ref, self.y_ref = x_ref, y_ref
-
-    def merge(self, other: PatternStatistics) -> None:
-        """Add the samples of ``other`` (same layer, any references) to ``self``."""
-        if (other.weight_shape, other.groups, other.stats, other.masked) != (
-            self.weight_shape,
-            self.groups,
-            self.stats,
-            self.masked,
-        ):
-            raise ValueError("cannot merge statistics of different layers or pattern types")
-        if not other.has_reference:
-            return
-        other = other.copy()
-        if not self.has_reference:
-            self.set_reference(other.x_ref, other.y_ref)
-        other.rebase(self.x_ref, self.y_ref)
-        self.add(0, other.sums, other.scalars, other.masks)
-        self.n += other.n.to(self.device)
-
-    def copy(self) -> PatternStatistics:
-        new = PatternStatistics(
-            self.weight_shape, self.groups, self.stats, self.device, self.masked
-        )
-        new.load_state_dict(self.state_dict())
-        return new
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Tensor]:

@@ -1,13 +1,20 @@
-"""Small models covering the module types the attributions must handle."""
+"""Small models covering the module types the attributions must handle.
+
+The tests' own decisions are written here by hand, not asked of the package:
+each model's ``FOLDS`` (which BatchNorm reads which layer's output unchanged,
+read off its ``forward``; none for a model without BatchNorm) and
+:func:`linear_layers` (every Linear and ConvNd).
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from captum_pattern import LayerPatterns, Patterns
-from captum_pattern.canonize import explained_layers, find_batchnorm_folds
 
 
 def _randomize_batchnorm(model: nn.Module) -> nn.Module:
@@ -23,6 +30,8 @@ def _randomize_batchnorm(model: nn.Module) -> nn.Module:
 
 class SequentialCNN(nn.Sequential):
     """Conv+BN (folded), in-place ReLU, max pool, 'same' padding, adaptive pool, dropout."""
+
+    FOLDS: ClassVar[dict[str, str]] = {"0": "1"}  # the BatchNorm right after the first conv
 
     def __init__(self) -> None:
         super().__init__(
@@ -50,6 +59,12 @@ class SequentialCNN(nn.Sequential):
 
 class Residual(nn.Module):
     """A residual block with BatchNorm (folded), a reused ReLU module and F.relu."""
+
+    FOLDS: ClassVar[dict[str, str]] = {
+        "stem": "bn0",
+        "conv1": "bn1",
+        "conv2": "bn2",
+    }  # each bn reads its conv alone
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,15 +154,69 @@ MODELS = {
 }
 
 
-def folds_of(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, str]:
-    return find_batchnorm_folds(model, lambda: model(*inputs))
+def folds_of(model: nn.Module) -> dict[str, str]:
+    """``{layer: batchnorm}`` written out by hand: the class's ``FOLDS``.
+
+    A model without ``FOLDS`` may have no BatchNorm at all (then nothing folds);
+    otherwise its folds must be written out and passed explicitly.
+    """
+    folds = getattr(type(model), "FOLDS", None)
+    if folds is not None:
+        return dict(folds)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise TypeError(f"{type(model).__name__} has BatchNorms: write its folds out by hand")
+    return {}
 
 
-def random_patterns(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Patterns:
-    """Patterns with random values (not fitted): the backward pass must use them."""
-    folds = folds_of(model, inputs)
+def check_folds(model: nn.Module, folds: dict[str, str], inputs: tuple[torch.Tensor, ...]) -> None:
+    """Each BatchNorm of ``folds`` reads exactly its layer's output values (one forward)."""
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in folds}
+    bn_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in folds}
+    handles = []
+    for layer, bn in folds.items():
+        handles.append(
+            model.get_submodule(layer).register_forward_hook(
+                lambda m, i, o, k=layer: outputs[k].append(o.detach().clone())
+            )
+        )
+        handles.append(
+            model.get_submodule(bn).register_forward_pre_hook(
+                lambda m, i, k=layer: bn_inputs[k].append(i[0].detach().clone())
+            )
+        )
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, bn in folds.items():
+        pairs = list(zip(outputs[layer], bn_inputs[layer]))
+        assert pairs and len(outputs[layer]) == len(bn_inputs[layer]), (layer, bn)
+        assert all(torch.equal(out, read) for out, read in pairs), (layer, bn)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear and Conv1d/2d/3d of ``model`` by name: the layers a pattern replaces."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def random_patterns(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...] | None = None,
+    folds: dict[str, str] | None = None,
+) -> Patterns:
+    """Patterns with random values (not fitted) for every :func:`linear_layers` entry.
+
+    ``folds`` defaults to :func:`folds_of`; with ``inputs`` they are checked
+    against one forward pass first (:func:`check_folds`).
+    """
+    folds = folds_of(model) if folds is None else folds
+    if inputs is not None:
+        check_folds(model, folds, inputs)
     layers = {}
-    for name, layer in explained_layers(model).items():
+    for name, layer in linear_layers(model).items():
         shape = layer.weight.shape
         layers[name] = LayerPatterns(
             a_plus=torch.randn(shape),

@@ -1,10 +1,14 @@
 """Slow, explicit reference implementations the package is tested against.
 
-Nothing here uses captum_pattern's code paths: patches are cut out one by one
-in NumPy, the pattern formulas are written from the paper (Eq. 4, Eq. 8) in
-float64, and the substituted backward pass is the explicit Jacobian of a copy
-of the model whose layers compute their real value forward but differentiate
-through the substitute (``real.detach() + alt(x) - alt(x).detach()``).
+The references use none of captum_pattern's code paths: patches are cut out
+one by one in NumPy, the pattern formulas are written from the paper (Eq. 4,
+Eq. 8) in float64, and the substituted backward pass is the explicit Jacobian
+of a copy of the model whose layers compute their real value forward but
+differentiate through the substitute (``real.detach() + alt(x) - alt(x).detach()``).
+
+The statistics helpers are not references: they drive the code under test
+(:class:`~captum_pattern.statistics.PatternStatistics`) the way the tests need,
+feeding it dense samples, copying it and merging two of them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from captum_pattern.statistics import PatternStatistics
 
 _NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -122,6 +128,55 @@ def reference_layer_patterns(
     b = np.zeros(Z.shape[1]) if layer.bias is None else layer.bias.detach().double().numpy()
     W = layer.weight.detach().double().numpy().reshape(Z.shape[1], -1)
     return patterns_from_samples(X, Z - b, Z > 0, W)
+
+
+# ------------------------------------------------------- statistics helpers
+def add_dense_samples(
+    stats: PatternStatistics, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Add dense samples to ``stats`` by plain matrix products (one group only).
+
+    ``x`` is ``(S, D)``, ``y = x wᵀ`` is ``(S, O)`` without the bias; the gate is
+    ``y + bias > 0``.  The first call fixes the references at the sample means.
+    """
+    if stats.groups != 1:
+        raise ValueError("add_dense_samples supports groups == 1 only")
+    x = x.to(stats.device, torch.float64)
+    y = y.to(stats.device, torch.float64)
+    if not stats.has_reference:
+        stats.set_reference(x.mean(0), y.mean(0))
+    xc = x - stats.x_ref.reshape(1, -1)
+    gate = (y + (0.0 if bias is None else bias.to(y)) > 0).to(y.dtype)
+    yc = y - stats.y_ref
+    parts = {"gy": gate * yc, "g": gate, "y": yc}
+    sums = {k: parts[k].T @ xc for k in stats.stats if k != "x"}
+    if "x" in stats.stats:
+        sums["x"] = xc.sum(0, keepdim=True)
+    scalars = {"n_pos": gate.sum(0), "s_y": yc.sum(0), "s_gy": (gate * yc).sum(0)}
+    stats.add(x.shape[0], sums, scalars)
+
+
+def copy_statistics(stats: PatternStatistics) -> PatternStatistics:
+    """An independent copy of ``stats`` (through its state dict)."""
+    new = PatternStatistics(
+        stats.weight_shape, stats.groups, stats.stats, stats.device, stats.masked
+    )
+    new.load_state_dict(stats.state_dict())
+    return new
+
+
+def merge_statistics(into: PatternStatistics, other: PatternStatistics) -> None:
+    """Add the samples of ``other`` (same layer, any references) to ``into``."""
+    same = (other.weight_shape, other.groups, other.stats, other.masked)
+    assert same == (into.weight_shape, into.groups, into.stats, into.masked)
+    if not other.has_reference:
+        return
+    other = copy_statistics(other)
+    if not into.has_reference:
+        into.set_reference(other.x_ref, other.y_ref)
+    other.rebase(into.x_ref, into.y_ref)
+    into.add(0, other.sums, other.scalars, other.masks)
+    into.n += other.n.to(into.device)
 
 
 # ------------------------------------------------------------ backward pass

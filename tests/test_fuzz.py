@@ -24,8 +24,7 @@ from captum_pattern import (
     PatternNet,
     Patterns,
 )
-from captum_pattern.attribution import select_targets
-from models import folded_weight
+from models import folded_weight, linear_layers
 from reference import reference_backward, reference_layer_patterns
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
@@ -118,6 +117,21 @@ def architectures(draw):
     return model, input_shape
 
 
+def _expected_folds(model: FuzzNet) -> dict[str, str]:
+    """The folds read off the architecture: a BatchNorm applied straight to a conv's output.
+
+    A ``ConvBlock`` computes ``bn(conv(x))``; a ``Branch`` side ``b`` may be
+    ``Sequential(conv, bn)``.  Nothing else has a BatchNorm.
+    """
+    folds = {}
+    for name, m in model.named_modules():
+        if isinstance(m, ConvBlock) and m.bn is not None:
+            folds[f"{name}.conv"] = f"{name}.bn"
+        elif isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[1], nn.BatchNorm2d):
+            folds[f"{name}.0"] = f"{name}.1"
+    return folds
+
+
 def _recorded_inputs(model, batches, names):
     """Each layer's inputs over the batches, recorded with plain hooks."""
     seen = {n: [] for n in names}
@@ -168,7 +182,9 @@ def test_random_architectures_fit_and_attribute_like_the_reference(arch, seed):
         for _ in range(2)
     ]
     patterns = PatternFitter(model).fit(batches)
-    folds = patterns.folds
+    folds = _expected_folds(model)
+    assert patterns.folds == folds
+    assert set(patterns) == set(linear_layers(model))
     recorded = _recorded_inputs(model, batches, list(patterns))
     for name, lp in patterns.items():
         ref = reference_layer_patterns(_folded_copy(model, name, folds), recorded[name])
@@ -192,9 +208,7 @@ def test_random_architectures_fit_and_attribute_like_the_reference(arch, seed):
             n: (folded_weight(model, n, folds) * lp.a_plus if weighted else lp.a_plus)
             for n, lp in patterns.items()
         }
-        (ref,) = reference_backward(
-            model, subs, folds, (x,), lambda o: select_targets(o, [0, 1, 2])
-        )
+        (ref,) = reference_backward(model, subs, folds, (x,), lambda o: o[range(3), range(3)])
         assert torch.allclose(got, ref, rtol=1e-8, atol=1e-10 * ref.abs().max())
 
 

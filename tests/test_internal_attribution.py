@@ -22,7 +22,6 @@ from captum_pattern import (
     PatternNet,
     UnsupportedModelError,
 )
-from captum_pattern.attribution import select_neuron, select_targets
 from models import MODELS, folded_weight, random_patterns
 from reference import swapped_copy
 
@@ -98,6 +97,14 @@ def _run_capturing(clone, layer_name, to_input, inputs, replace=None):
     return output, seen[0]
 
 
+def _select(h, selector):
+    """The reference's own reading of a neuron selector: plain indexing after the batch axis."""
+    if callable(selector):
+        return selector(h)
+    index = selector if isinstance(selector, tuple) else (selector,)
+    return h[(slice(None), *index)]
+
+
 def reference_neuron(model, subs, folds, inputs, layer_name, to_input, selector):
     """Jacobian of the selected neurons of one example, contracted with their values."""
     clone = swapped_copy(model, subs, folds)
@@ -107,7 +114,7 @@ def reference_neuron(model, subs, folds, inputs, layer_name, to_input, selector)
         def f(*xs, i=i):
             full = [torch.cat([x[:i], xi, x[i + 1 :]]) for x, xi in zip(inputs, xs)]
             _, h = _run_capturing(clone, layer_name, to_input, full)
-            return select_neuron((h,), selector)[i]
+            return _select(h, selector)[i]
 
         xi = tuple(x[i : i + 1] for x in inputs)
         jac = torch.autograd.functional.jacobian(f, xi)
@@ -128,7 +135,7 @@ def reference_layer(model, subs, folds, inputs, layer_name, to_input, target):
         def f(hi, i=i):
             h = torch.cat([h_all[:i], hi, h_all[i + 1 :]])
             output, _ = _run_capturing(clone, layer_name, to_input, inputs, replace=h)
-            return select_targets(output, target)[i]
+            return output[:, target][i]  # every LAYERS target is an int
 
         hi = h_all[i : i + 1]
         jac = torch.autograd.functional.jacobian(f, hi)

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from captum_pattern import PatternFitter
-from captum_pattern.canonize import folded_parameters
 from captum_pattern.datasets import linear_toy
 from captum_pattern.metrics import ESTIMATORS, estimator_patterns, rho_means, signal_quality
 from reference import layer_samples
@@ -92,11 +91,12 @@ def test_folded_batchnorm_uses_the_folded_layer():
     patterns = PatternFitter(model).fit([x1])
     assert patterns.folds == {"0": "1"}
     result = signal_quality(model, patterns, [x2], [x3], estimators=["two_component"], ridge=1e-11)
-    folded = nn.Conv2d(2, 3, 3, padding=1).double()
-    weight, bias = folded_parameters(conv, bn, torch.float64)
+    folded = nn.Conv2d(2, 3, 3, padding=1).double()  # bn(conv(x)), written out
     with torch.no_grad():
-        folded.weight.copy_(weight)
-        folded.bias.copy_(bias)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+        assert torch.allclose(folded(x1), bn(conv(x1)), rtol=1e-12, atol=1e-12)
     lp = patterns["0"]
     a_plus, a_minus = (lp.pattern(k).reshape(3, -1).numpy() for k in ("relu", "relu_negative"))
     expected = brute_force_rho(folded, a_plus, a_minus, x2, x3)

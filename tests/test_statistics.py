@@ -9,7 +9,14 @@ from torch import nn
 
 from captum_pattern import PatternFitter
 from captum_pattern.statistics import PatternStatistics, required_stats
-from reference import explicit_patches, layer_samples, reference_layer_patterns
+from reference import (
+    add_dense_samples,
+    copy_statistics,
+    explicit_patches,
+    layer_samples,
+    merge_statistics,
+    reference_layer_patterns,
+)
 
 KINDS = {"relu": "a_plus", "relu_negative": "a_minus", "linear": "a_linear"}
 
@@ -192,17 +199,17 @@ def test_statistics_merge_equals_union_and_rebase_is_exact():
     bias = torch.randn(3, dtype=torch.float64)
     keys = required_stats(["relu", "relu_negative", "linear"])
     whole = PatternStatistics(w.shape, 1, keys)
-    whole.update_from_samples(x, y, bias)
+    add_dense_samples(whole, x, y, bias)
     first, second = PatternStatistics(w.shape, 1, keys), PatternStatistics(w.shape, 1, keys)
-    first.update_from_samples(x[:80], y[:80], bias)
-    second.update_from_samples(x[80:], y[80:], bias)  # other references
+    add_dense_samples(first, x[:80], y[:80], bias)
+    add_dense_samples(second, x[80:], y[80:], bias)  # other references
     assert not torch.allclose(first.x_ref, second.x_ref)
-    first.merge(second)
+    merge_statistics(first, second)
     a, b = whole.solve(w), first.solve(w)
     for kind in a:
         assert torch.allclose(a[kind][0], b[kind][0], rtol=1e-10)
     # rebasing to any reference changes nothing
-    moved = whole.copy()
+    moved = copy_statistics(whole)
     moved.rebase(torch.randn(1, 5) * 10, torch.randn(3) * 10)
     for kind, (pattern, _) in moved.solve(w).items():
         assert torch.allclose(pattern, a[kind][0], rtol=1e-9)
@@ -249,7 +256,7 @@ def test_zero_padded_layer_merge_and_rebase_are_exact(make):
     assert collect(x1).masked
     union = collect(x1, x2)
     first, second = collect(x1), collect(x2)
-    first.merge(second)
+    merge_statistics(first, second)
     w = layer.weight.detach()
     expected = union.solve(w)
     for kind, (pattern, _) in first.solve(w).items():

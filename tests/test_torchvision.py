@@ -8,9 +8,10 @@ from captum.attr import Saliency
 from PIL import Image
 
 from captum_pattern import PatternAttribution, PatternFitter, PatternNet, Patterns
+from captum_pattern.canonize import find_batchnorm_folds
 from captum_pattern.cli import main
 from captum_pattern.images import load_model, load_state_dict, torchvision_cache_file
-from models import folded_weight, folds_of, random_patterns
+from models import folded_weight, random_patterns
 
 
 def _resnet18_folds():
@@ -29,8 +30,8 @@ def test_resnet18_batchnorm_folded_and_residuals_followed():
     """With the folded weights as patterns, PatternNet is exactly the gradient (start from 1)."""
     model = load_model("resnet18", weights="random", num_classes=10).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    assert folds_of(model, (x,)) == _resnet18_folds()
-    patterns = random_patterns(model, (x,)).to(dtype=torch.float64)
+    assert find_batchnorm_folds(model, lambda: model(x)) == _resnet18_folds()
+    patterns = random_patterns(model, (x,), _resnet18_folds()).to(dtype=torch.float64)
     for name in patterns:
         patterns[name].a_plus = folded_weight(model, name, patterns.folds).clone()
     ours = PatternNet(model, patterns, start_from="one").attribute(x, target=[3, 7])
