@@ -529,7 +529,8 @@ class PatternFitter:
                 callback,
             )
             _all_reduce(collectors)
-            return self._patterns(collectors, folds, done)
+            patterns = self._patterns(collectors, folds, done)
+        return patterns.attach(self.model)  # PatternNet(model) finds them (a weak link)
 
     def _model_device(self) -> torch.device:
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
