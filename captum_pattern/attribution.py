@@ -165,9 +165,9 @@ class _SubstitutedGradient:
         substitutes = {}
         folds = patterns.folds
         for name, layer in self._layers.items():
-            pattern = self._pattern(patterns, name, layer.weight)
+            pattern = self._pattern(patterns, name, _weight(layer))
             if not self.rule.uses_weight:
-                substitutes[name] = self.rule.substitute(layer.weight.detach(), pattern)
+                substitutes[name] = self.rule.substitute(_weight(layer).detach(), pattern)
                 continue
             bn = self.inner.get_submodule(folds[name]) if name in folds else None
             key = _version_key(layer, bn)
@@ -202,7 +202,7 @@ class _SubstitutedGradient:
                 "is fine: the method turns gradients on for itself)"
             )
         patterns = self.patterns()
-        _check_inputs(inputs, next(iter(self._layers.values())).weight, floating=not to_layer)
+        _check_inputs(inputs, _weight(next(iter(self._layers.values()))), floating=not to_layer)
         extra = _as_tuple(additional_forward_args)
         with model_state_guard(self.model), torch.enable_grad(), ExitStack() as stack:
             session = stack.enter_context(
@@ -362,7 +362,7 @@ class _PatternGradient(GradientAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         (result,) = self._driver.run(
-            inputs if is_tuple else (inputs,),
+            _input_tuple(inputs),
             additional_forward_args,
             lambda output, _: select_targets(output, target),
         )
@@ -413,12 +413,22 @@ class PatternAttribution(_PatternGradient):
 
 
 # ---------------------------------------------------------------- helpers
+def _weight(layer: nn.Module) -> Tensor:
+    weight = layer.weight
+    assert isinstance(weight, Tensor)  # an explained layer (Linear/Conv) has a weight
+    return weight
+
+
 def _version_key(layer: nn.Module, bn: nn.Module | None) -> tuple[Any, ...]:
     """Identity and in-place version of every tensor the folded weight depends on."""
-    tensors = [layer.weight]
+    tensors = [_weight(layer)]
     if bn is not None:
-        tensors += [t for t in (bn.weight, bn.running_var) if t is not None]
+        tensors += [t for t in (bn.weight, bn.running_var) if isinstance(t, Tensor)]
     return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def _input_tuple(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _as_tuple(args: Any) -> tuple[Any, ...]:
@@ -536,7 +546,7 @@ def select_targets(output: Any, target: TargetType) -> Tensor:
                 f"target tensor of shape {tuple(tensor.shape)} does not fit the output of "
                 f"shape {shape}: give one index, or one per example"
             )
-    if _is_integer(target):
+    if isinstance(target, numbers.Integral) and _is_integer(target):
         target = (int(target),)
     if isinstance(target, tuple):
         return _one_per_example(_select_column(output, target), f"target {target}", shape)
@@ -556,7 +566,8 @@ def _select_column(output: Tensor, target: tuple[Any, ...]) -> Tensor:
         raise InvalidTargetError(f"target {target} has too many indices for output {shape}")
     for dim, index in enumerate(target, start=1):
         _check_index(int(index), shape[dim], f"index {target}", shape)
-    return output[(slice(None), *(int(i) for i in target))]
+    key: tuple[slice | int, ...] = (slice(None), *[int(i) for i in target])
+    return output[key]
 
 
 def _select_per_example(output: Tensor, target: list[Any]) -> Tensor:
@@ -749,9 +760,9 @@ class _NeuronPatternGradient(NeuronAttribution, GradientAttribution):
         self._driver.check_on_path(self._layer_name, attribute_to_neuron_input)
         is_tuple = isinstance(inputs, tuple)
         (result,) = self._driver.run(
-            inputs if is_tuple else (inputs,),
+            _input_tuple(inputs),
             additional_forward_args,
-            lambda output, tensors: select_neuron(tensors, neuron_selector),
+            lambda output, tensors: select_neuron(tensors or (), neuron_selector),
             layers=[self.layer],
             to_input=attribute_to_neuron_input,
         )
@@ -863,7 +874,7 @@ class _LayerPatternGradient(LayerAttribution, GradientAttribution):
         for name in self._layer_names:
             self._driver.check_on_path(name, attribute_to_layer_input)
         groups = self._driver.run(
-            inputs if isinstance(inputs, tuple) else (inputs,),
+            _input_tuple(inputs),
             additional_forward_args,
             lambda output, _: select_targets(output, target),
             layers=self._layers,

@@ -122,10 +122,10 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model, prefix = model.module, prefix + "module."
-        elif type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):  # torch.compile
-            model, prefix = model._orig_mod, prefix + "_orig_mod."
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model, prefix = inner, prefix + "_orig_mod."  # torch.compile
         else:
             return model, prefix
 
@@ -166,8 +166,8 @@ def _wrapper_prefix(names: Iterable[str], wanted: Iterable[str]) -> str:
     return prefix
 
 
-def _strip(name: str | None, prefix: str) -> str | None:
-    return name[len(prefix) :] if name is not None and name.startswith(prefix) else name
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def weights_fingerprint(model: nn.Module, folds: Mapping[str, str]) -> str:
@@ -292,7 +292,9 @@ class Patterns(Mapping[str, LayerPatterns]):
         if not prefix:
             return self
         layers = {
-            name[len(prefix) :]: replace(lp, folded_batchnorm=_strip(lp.folded_batchnorm, prefix))
+            name[len(prefix) :]: replace(
+                lp, folded_batchnorm=lp.folded_batchnorm and _strip(lp.folded_batchnorm, prefix)
+            )
             for name, lp in self._layers.items()
         }
         return Patterns(layers, self.fingerprint, self.settings)
@@ -471,12 +473,12 @@ class Patterns(Mapping[str, LayerPatterns]):
             settings = json.loads(metadata.get("settings", "{}"))
         except json.JSONDecodeError as exc:
             raise PatternFileError(f"{path}: metadata 'settings' is not JSON") from exc
-        patterns = cls(layers, metadata.get("fingerprint") or None, settings)
-        if model is not None:
-            patterns = patterns.for_model(model)
-            patterns.validate(model, check_fingerprint=True)
-            patterns.attach(model)
-        return patterns
+        loaded = cls(layers, metadata.get("fingerprint") or None, settings)
+        if model is None:
+            return loaded
+        loaded = loaded.for_model(model)
+        loaded.validate(model, check_fingerprint=True)
+        return loaded.attach(model)
 
 
 # Patterns attached to models (Patterns.attach); weak keys, so a model is not kept alive.

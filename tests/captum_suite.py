@@ -28,10 +28,14 @@ import pytest
 import torch
 from captum.attr import (
     LayerActivation,
-    LayerGradientXActivation as CaptumLayerGradientXActivation,
     LayerLRP,
-    NeuronGradient as CaptumNeuronGradient,
     Saliency,
+)
+from captum.attr import (
+    LayerGradientXActivation as CaptumLayerGradientXActivation,
+)
+from captum.attr import (
+    NeuronGradient as CaptumNeuronGradient,
 )
 from captum.testing.attr.helpers.test_config import config as captum_config
 from torch import nn

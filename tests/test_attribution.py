@@ -5,8 +5,8 @@ import torch
 from captum.attr import Saliency
 
 from captum_pattern import PatternAttribution, PatternFitter, PatternNet
-from captum_pattern.errors import InvalidTargetError
 from captum_pattern.attribution import select_targets
+from captum_pattern.errors import InvalidTargetError
 from models import MODELS, Branching, Volumetric, folded_weight, folds_of, random_patterns
 from reference import reference_backward
 
