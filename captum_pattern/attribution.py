@@ -21,6 +21,7 @@ the ``AssertionError`` Captum raises.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar, Literal
@@ -120,7 +121,8 @@ class _SubstitutedGradient:
         self._in_use: Patterns | None = None
         self._layers: dict[str, nn.Module] = {}
         self._pattern_cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
-        self._substitute_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+        self._substitute_cache: dict[str, tuple[_Key, Tensor]] = {}
+        self._warned = False
         self.patterns()  # fail now, not at the first attribute
         warn_outside_method(self.inner, method)
 
@@ -139,6 +141,8 @@ class _SubstitutedGradient:
             patterns.validate(self.inner)
             for lp in patterns.values():
                 lp.pattern(self.pattern_type)  # raises if this type was not fitted
+            if patterns is not self._in_use:
+                self._warned = False
             self._in_use, self._layers = patterns, layers
             self._pattern_cache.clear()
             self._substitute_cache.clear()
@@ -160,24 +164,49 @@ class _SubstitutedGradient:
         return self._pattern_cache[key]
 
     def substitutes(self, patterns: Patterns) -> dict[str, Tensor]:
-        """The rule's tensor for each layer, cached until the layer's (or its BatchNorm's)
-        tensors change."""
+        """The rule's tensor for each layer, recomputed when the layer's (or its
+        BatchNorm's) tensors changed, also through ``.data``."""
         substitutes = {}
         folds = patterns.folds
         for name, layer in self._layers.items():
-            pattern = self._pattern(patterns, name, _weight(layer))
-            if not self.rule.uses_weight:
-                substitutes[name] = self.rule.substitute(_weight(layer).detach(), pattern)
-                continue
             bn = self.inner.get_submodule(folds[name]) if name in folds else None
-            key = _version_key(layer, bn)
+            key = _weights_key(layer, bn)
             cached = self._substitute_cache.get(name)
-            if cached is None or cached[0] != key:
+            if cached is None or not _same_key(cached[0], key):
                 weight, _ = folded_parameters(layer, bn)
+                pattern = self._pattern(patterns, name, weight)
+                self._check_fitted_on(patterns, name, weight, pattern)
                 cached = (key, self.rule.substitute(weight, pattern))
                 self._substitute_cache[name] = cached
             substitutes[name] = cached[1]
         return substitutes
+
+    def _check_fitted_on(
+        self, patterns: Patterns, name: str, weight: Tensor, pattern: Tensor
+    ) -> None:
+        """Warn (once per patterns) when ``pattern`` was not fitted on ``weight``.
+
+        Every estimator normalises a fitted pattern to ``wᵀa = 1`` for each
+        neuron with a non-zero pattern (Eq. 4 and 8 of the paper), so other
+        weights (another model's patterns, or weights changed since the fit)
+        show at the cost of one product.  Patterns not made by a fit (no
+        fingerprint) are not checked.
+        """
+        if patterns.fingerprint is None or self._warned:
+            return
+        norms = (weight * pattern).flatten(1).sum(1)
+        live = pattern.flatten(1).abs().sum(1) > 0
+        if not live.any() or float((norms[live] - 1).abs().max()) <= 1e-2:
+            return
+        self._warned = True
+        warnings.warn(
+            f"{self.method}: the patterns of layer {name!r} were not fitted on its current "
+            f"weights (wᵀa is {float(norms[live].median()):.3g} where a fit gives 1): they "
+            "belong to another model, or the weights changed since the fit; refit with "
+            "PatternFitter(model).fit(data)",
+            UserWarning,
+            stacklevel=6,
+        )
 
     def run(
         self,
@@ -419,12 +448,31 @@ def _weight(layer: nn.Module) -> Tensor:
     return weight
 
 
-def _version_key(layer: nn.Module, bn: nn.Module | None) -> tuple[Any, ...]:
-    """Identity and in-place version of every tensor the folded weight depends on."""
+_Key = tuple[tuple[Any, ...], Tensor]
+_SAMPLE = 256  # weight entries compared per layer and call to notice edits through .data
+
+
+def _weights_key(layer: nn.Module, bn: nn.Module | None) -> _Key:
+    """What the folded weight depends on: each tensor's identity and version, and a sample.
+
+    An in-place edit through ``.data`` does not move the version counter, so a
+    fixed sample of up to 256 entries of each tensor (the first and last
+    included) is compared too: a constant cost per layer, however large.
+    """
     tensors = [_weight(layer)]
     if bn is not None:
         tensors += [t for t in (bn.weight, bn.running_var) if isinstance(t, Tensor)]
-    return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+    ids = tuple((t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors)
+    samples = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // _SAMPLE))
+        samples += [flat[::step], flat[-1:]]
+    return ids, torch.cat(samples)
+
+
+def _same_key(a: _Key, b: _Key) -> bool:
+    return a[0] == b[0] and torch.equal(a[1], b[1])
 
 
 def _input_tuple(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
