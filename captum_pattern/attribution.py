@@ -627,6 +627,11 @@ def _select_per_example(output: Tensor, target: list[Any]) -> Tensor:
             raise InvalidTargetError(f"a list of int targets needs a 2-D output, got {shape}")
         for t in target:
             _check_index(int(t), shape[1], "class", shape)
+            if t < 0:
+                raise InvalidTargetError(
+                    f"per-example target {int(t)} is negative; give classes 0 to {shape[1] - 1} "
+                    "(as Captum, negative indices count from the end only in an int or tuple)"
+                )
         index = torch.tensor([int(t) for t in target], device=output.device).reshape(-1, 1)
         return output.gather(1, index).squeeze(1)
     if all(isinstance(t, tuple) for t in target):

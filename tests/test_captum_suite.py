@@ -215,6 +215,10 @@ def test_numpy_integers_in_lists_and_arrays_are_accepted(fitted):
     assert torch.equal(method.attribute(x, target=[np.int64(4), np.int32(0), 5]), expected)
     assert torch.equal(method.attribute(x, target=np.array([4, 0, 5])), expected)
     assert torch.equal(method.attribute(x, target=np.int64(4)), method.attribute(x, target=4))
+    with pytest.raises(RuntimeError):  # Captum: gather refuses a negative per-example class
+        Saliency(flat).attribute(x.clone().requires_grad_(), target=[4, -1, 5])
+    with pytest.raises(InvalidTargetError, match="negative"):
+        method.attribute(x, target=[4, -1, 5])
 
 
 INDEX = st.integers(-7, 7)
