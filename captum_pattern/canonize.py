@@ -15,7 +15,6 @@ folded weights are computed on the fly and never written into the model.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import UnsupportedModelError
-from .layers import is_explained_layer
+from .layers import layer_bias, layer_weight
+from .tap import check_batchnorm, explained_layers, module_hooks
 
 __all__ = [
-    "check_modules",
+    "check_batchnorms",
     "explained_layers",
     "find_batchnorm_folds",
     "folded_parameters",
@@ -39,42 +39,31 @@ __all__ = [
 ]
 
 
-def explained_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear / Conv1d/2d/3d of ``model``, by qualified name."""
-    return {name: m for name, m in model.named_modules() if is_explained_layer(m)}
-
-
-def _check_batchnorm(name: str, bn: nn.Module, layer_name: str, layer: nn.Module) -> None:
-    if not bn.track_running_stats or bn.running_mean is None:
-        raise UnsupportedModelError(
-            f"BatchNorm {name!r} after layer {layer_name!r} has no running statistics "
-            "(track_running_stats=False), so it normalises with batch statistics even in "
-            "eval mode and cannot be folded into the layer; use running statistics"
-        )
-    if bn.num_features != layer.weight.shape[0]:
-        raise UnsupportedModelError(
-            f"BatchNorm {name!r} has {bn.num_features} features but follows layer "
-            f"{layer_name!r} with {layer.weight.shape[0]} outputs"
-        )
-
-
 def find_batchnorm_folds(model: nn.Module, run_forward: Callable[[], Any]) -> dict[str, str]:
     """Which BatchNorm to fold into which layer: ``{layer_name: batchnorm_name}``.
 
     ``run_forward`` runs the model once (any batch).  A BatchNorm is folded into
-    a layer when, in every call, its input is that layer's output tensor, every
-    call of the layer is followed by it, and the autograd graph shows no other
-    reader of the layer's output.  Hooks are removed before returning.
+    a layer when, in every call, it reads that layer's output *unchanged* (the
+    same tensor at the same version: an in-place operation in between, such as
+    ``ReLU(inplace=True)`` or ``out += skip``, changes the values and breaks the
+    pair), every call of the layer is followed by it, and the autograd graph
+    shows no other reader of the layer's output.  Hooks are removed before
+    returning.
 
     Examples
     --------
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     >>> find_batchnorm_folds(net.eval(), lambda: net(torch.randn(1, 1, 5, 5)))
     {'0': '1'}
+    >>> net = torch.nn.Sequential(
+    ...     torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(inplace=True), torch.nn.BatchNorm2d(2))
+    >>> find_batchnorm_folds(net.eval(), lambda: net(torch.randn(1, 1, 5, 5)))
+    {}
     """
     layers = explained_layers(model)
     names = {m: n for n, m in model.named_modules()}
-    last_output: dict[int, tuple[str, Tensor]] = {}
+    # id(output) -> (layer name, output, its version when the layer returned it)
+    last_output: dict[int, tuple[str, Tensor, int]] = {}
     layer_calls: dict[str, int] = {}
     bn_sources: dict[str, list[str | None]] = {}
     grad_fns: dict[str, list[Any]] = {}
@@ -83,26 +72,21 @@ def find_batchnorm_folds(model: nn.Module, run_forward: Callable[[], Any]) -> di
         name = names[module]
         layer_calls[name] = layer_calls.get(name, 0) + 1
         if isinstance(output, Tensor):
-            last_output[id(output)] = (name, output)
+            last_output[id(output)] = (name, output, output._version)
 
     def bn_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        source = last_output.get(id(inputs[0])) if inputs else None
-        if source is not None and source[1] is inputs[0]:
+        read = inputs[0] if inputs else None
+        source = last_output.get(id(read))
+        if source is not None and source[1] is read and read._version == source[2]:
             bn_sources.setdefault(names[module], []).append(source[0])
             grad_fns.setdefault(source[0], []).append(source[1].grad_fn)
         else:
             bn_sources.setdefault(names[module], []).append(None)
 
-    handles = [m.register_forward_hook(layer_hook) for m in layers.values()]
-    handles += [
-        m.register_forward_hook(bn_hook) for m in model.modules() if isinstance(m, _BatchNorm)
-    ]
-    try:
-        with torch.enable_grad():
-            output = run_forward()
-    finally:
-        for h in handles:
-            h.remove()
+    hooks: dict[nn.Module, Any] = dict.fromkeys(layers.values(), layer_hook)
+    hooks.update((m, bn_hook) for m in model.modules() if isinstance(m, _BatchNorm))
+    with module_hooks(hooks), torch.enable_grad():
+        output = run_forward()
     pairs: dict[str, str] = {}
     followed_by: dict[str, list[str]] = {}
     for bn_name, sources in bn_sources.items():
@@ -118,7 +102,7 @@ def find_batchnorm_folds(model: nn.Module, run_forward: Callable[[], Any]) -> di
         pairs[layer_name] = bn_name
     _drop_shared_outputs(pairs, grad_fns, output)
     for layer_name, bn_name in pairs.items():
-        _check_batchnorm(bn_name, model.get_submodule(bn_name), layer_name, layers[layer_name])
+        check_batchnorm(bn_name, model.get_submodule(bn_name), layer_name, layers[layer_name])
     return dict(sorted(pairs.items()))
 
 
@@ -168,11 +152,14 @@ def folded_parameters(
     >>> bool(torch.allclose(bn(conv(x)), torch.nn.functional.conv2d(x, w, b), atol=1e-6))
     True
     """
-    dtype = dtype or layer.weight.dtype
-    weight = layer.weight.detach().to(dtype)
-    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+    layer_w, layer_b = layer_weight(layer), layer_bias(layer)
+    dtype = dtype or layer_w.dtype
+    weight = layer_w.detach().to(dtype)
+    bias = None if layer_b is None else layer_b.detach().to(dtype)
     if bn is None:
         return weight, bias
+    assert isinstance(bn, _BatchNorm) and bn.running_var is not None
+    assert bn.running_mean is not None
     var = bn.running_var.detach().to(dtype)
     mean = bn.running_mean.detach().to(dtype)
     scale = torch.rsqrt(var + bn.eps)
@@ -222,49 +209,11 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-# modules whose derivative is not a ReLU gate, a max-pool route or a linear map:
-# the paper's analysis (and so the meaning of the patterns) does not cover them
-_OUTSIDE_THE_METHOD = (
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.SiLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Softplus,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-# modules with weights that get no pattern (their ordinary gradient is used)
-_UNEXPLAINED_WEIGHTS = (
-    nn.modules.conv._ConvTransposeNd,
-    nn.Bilinear,
-    nn.MultiheadAttention,
-    nn.RNNBase,
-)
+def check_batchnorms(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with batch statistics even in eval mode.
 
-
-def check_modules(model: nn.Module) -> list[str]:
-    """Refuse what would make the result wrong; describe what the method does not cover.
-
-    Raises :class:`UnsupportedModelError` for a BatchNorm that normalises with
-    batch statistics even in eval mode (the explanation of one example would
-    depend on the others in the batch).  Returns one line per module type the
-    paper's method does not cover (non-ReLU activations, normalisations,
-    weight layers without patterns), for the caller to warn about once.
+    The explanation of one example would then depend on the rest of the batch.
     """
-    notes: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and (
             not module.track_running_stats or module.running_mean is None
@@ -275,24 +224,8 @@ def check_modules(model: nn.Module) -> list[str]:
                 "the explanation of one example would depend on the rest of the batch; "
                 "use running statistics"
             )
-        if isinstance(module, _OUTSIDE_THE_METHOD):
-            notes.setdefault(type(module).__name__, []).append(name)
-        elif isinstance(module, _UNEXPLAINED_WEIGHTS):
-            notes.setdefault(type(module).__name__ + " (no pattern)", []).append(name)
-    return [
-        f"{kind}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-        for kind, names in notes.items()
-    ]
 
 
 def warn_outside_method(model: nn.Module, what: str) -> None:
-    """Warn once (per call site) when ``model`` has modules the method does not cover."""
-    notes = check_modules(model)
-    if notes:
-        warnings.warn(
-            f"{what}: the model has modules outside PatternNet/PatternAttribution's analysis "
-            "(ReLU networks with linear layers and max pooling); their ordinary gradient is "
-            "used, so the result is not the paper's method there — " + "; ".join(notes),
-            UserWarning,
-            stacklevel=3,
-        )
+    """Kept for the attribution classes until they inspect the forward pass themselves."""
+    check_batchnorms(model)

@@ -4,27 +4,84 @@ Two operations, both without ever building a tensor of patches:
 
 * :meth:`LayerGeometry.patch_sums` — ``Σ_samples patch(x) ⊗ f`` for a stack of
   per-neuron signals ``f``: the weight gradient of the layer with ``f`` as the
-  output gradient (one GEMM of the forward's size per signal, DESIGN §3).
+  output gradient (one GEMM of the forward's size per signal; see
+  ``docs/method.md``).
 * :meth:`LayerGeometry.input_vjp` — the layer's transposed application with a
   substituted weight: the backward pass of PatternNet / PatternAttribution.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LINEAR_TYPES", "LayerGeometry", "is_explained_layer"]
+__all__ = [
+    "KERNELS",
+    "LINEAR_TYPES",
+    "LayerGeometry",
+    "is_explained_layer",
+    "layer_types",
+    "register_layer",
+]
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The ways :meth:`LayerGeometry.patch_sums` can compute a layer's sums.
+KERNELS: tuple[str, ...] = ("weight_grad", "weight_grad_cl", "unfold")
+
+GeometryReader = Callable[[nn.Module], "LayerGeometry"]
+
+# the one registry of explained layer types: type -> how its geometry is read
+_LAYER_TYPES: dict[type[nn.Module], GeometryReader] = {}
+
+
+def register_layer(layer_type: type[nn.Module], reader: GeometryReader) -> None:
+    """Explain every ``layer_type`` module, reading its geometry with ``reader``.
+
+    The fitter, the backward pass, ρ and fold discovery all ask this registry
+    which modules get a pattern; a new layer type whose forward is a
+    convolution or an affine map is this one call.
+
+    >>> class MyLinear(nn.Linear):
+    ...     pass
+    >>> register_layer(MyLinear, LayerGeometry.of_linear)  # subclasses match anyway
+    >>> is_explained_layer(MyLinear(2, 3))
+    True
+    """
+    _LAYER_TYPES[layer_type] = reader
+
+
+def layer_types() -> tuple[type[nn.Module], ...]:
+    """The registered layer types (``nn.Linear`` and ``nn.Conv1d/2d/3d`` built in)."""
+    return tuple(_LAYER_TYPES)
+
+
+def _reader(module: nn.Module) -> GeometryReader | None:
+    for cls in type(module).__mro__:
+        if cls in _LAYER_TYPES:
+            return _LAYER_TYPES[cls]
+    return None
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    """The weight parameter of an explained layer (typed: ``module.weight`` is not)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def layer_bias(module: nn.Module) -> Tensor | None:
+    """The bias of an explained layer, or ``None``."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) else None
 
 
 def is_explained_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer that gets a pattern (Linear or Conv1d/2d/3d)."""
-    return isinstance(module, LINEAR_TYPES)
+    """Whether ``module`` is a layer that gets a pattern (a registered layer type)."""
+    return _reader(module) is not None
 
 
 def _conv_pad_spec(module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int, ...]:
@@ -68,26 +125,34 @@ class LayerGeometry:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> LayerGeometry:
-        if isinstance(module, nn.Linear):
-            return cls(tuple(module.weight.shape), 1, (), (), (), "zeros")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return cls(
-                weight_shape=tuple(module.weight.shape),
-                groups=module.groups,
-                stride=tuple(module.stride),
-                dilation=tuple(module.dilation),
-                pad=_conv_pad_spec(module),
-                padding_mode=module.padding_mode,
-            )
-        raise TypeError(f"{type(module).__name__} is not a Linear or Conv1d/2d/3d layer")
+        """The geometry of a registered layer (see :func:`register_layer`)."""
+        reader = _reader(module)
+        if reader is None:
+            names = ", ".join(t.__name__ for t in _LAYER_TYPES)
+            raise TypeError(f"{type(module).__name__} is not an explained layer type ({names})")
+        return reader(module)
+
+    @classmethod
+    def of_linear(cls, module: nn.Module) -> LayerGeometry:
+        """A linear layer: no spatial dimensions, one group."""
+        return cls(tuple(layer_weight(module).shape), 1, (), (), (), "zeros")
+
+    @classmethod
+    def of_conv(cls, module: nn.Module) -> LayerGeometry:
+        """A ``ConvNd``: stride, dilation, groups and padding as the module has them."""
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        return cls(
+            weight_shape=tuple(module.weight.shape),
+            groups=module.groups,
+            stride=tuple(module.stride),
+            dilation=tuple(module.dilation),
+            pad=_conv_pad_spec(module),
+            padding_mode=module.padding_mode,
+        )
 
     @property
     def spatial_dims(self) -> int:
         return len(self.stride)
-
-    @property
-    def in_channels(self) -> int:
-        return self.weight_shape[1] * self.groups
 
     @property
     def out_channels(self) -> int:
@@ -119,12 +184,18 @@ class LayerGeometry:
             return list(reversed(self.pad[::2]))
         return [0] * self.spatial_dims
 
-    def _explicit_pad(self, x: Tensor) -> Tensor:
-        if not any(self.pad) or (self.padding_mode == "zeros" and self._symmetric):
+    def padded(self, x: Tensor) -> Tensor:
+        """``x`` with the layer's padding applied (any mode), as the layer sees it."""
+        if not any(self.pad):
             return x
-        if self.padding_mode == "zeros":
-            return F.pad(x, self.pad)
-        return F.pad(x, self.pad, mode=self.padding_mode)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self.pad, mode=mode)
+
+    def _explicit_pad(self, x: Tensor) -> Tensor:
+        """The padding the GEMMs cannot apply themselves (see :attr:`_gemm_padding`)."""
+        if self.padding_mode == "zeros" and self._symmetric:
+            return x
+        return self.padded(x)
 
     def centred_input(self, x: Tensor, x_ref: Tensor, channels_last: bool = False) -> Tensor:
         """``x − c`` per input channel, ready for :meth:`patch_sums`.
@@ -179,12 +250,37 @@ class LayerGeometry:
             return ("weight_grad", "weight_grad_cl", "unfold")
         return ("weight_grad",)
 
-    @property
-    def can_unfold(self) -> bool:
-        return self.spatial_dims == 2
+    def kernel_for(self, input_shape: torch.Size, device: torch.device) -> str:
+        """The kernel :meth:`patch_sums` uses for inputs of ``input_shape``: a fixed rule.
+
+        The same layer, input shape and device always get the same kernel, so
+        two identical fits give identical patterns.  On the CPU (oneDNN), small
+        output maps (at most 16 positions) are faster as chunked unfold +
+        matmul, and wide maps with few input channels per group in channels-last
+        layout; everything else, and every accelerator, uses the weight gradient.
+
+        >>> geo = LayerGeometry.from_module(torch.nn.Conv2d(3, 8, 3, padding=1))
+        >>> geo.kernel_for(torch.Size([16, 3, 64, 64]), torch.device("cpu"))
+        'weight_grad_cl'
+        >>> geo.kernel_for(torch.Size([16, 3, 4, 4]), torch.device("cpu"))
+        'unfold'
+        """
+        if self.spatial_dims != 2 or device.type != "cpu":
+            return "weight_grad"
+        positions = 1
+        for i, size in enumerate(input_shape[2:]):
+            back = 2 * (self.spatial_dims - 1 - i)  # F.pad specs start at the last dimension
+            span = size + self.pad[back] + self.pad[back + 1]
+            reach = self.dilation[i] * (self.weight_shape[2 + i] - 1) + 1
+            positions *= (span - reach) // self.stride[i] + 1
+        if positions <= 16:
+            return "unfold"
+        if self.weight_shape[1] <= 64 and positions >= 1024:
+            return "weight_grad_cl"
+        return "weight_grad"
 
     def _unfold_sums(self, x: Tensor, signals: Tensor, chunk_bytes: int = 2**26) -> Tensor:
-        if not self.can_unfold:
+        if self.spatial_dims != 2:
             raise ValueError("the unfold method supports Conv2d layers only")
         n, k_total = signals.shape[:2]
         groups, per_group = self.groups, self.weight_shape[1]
@@ -199,7 +295,7 @@ class LayerGeometry:
                 x[i : i + step],
                 kernel,
                 dilation=self.dilation,
-                padding=self._gemm_padding,
+                padding=tuple(self._gemm_padding),
                 stride=self.stride,
             )
             m = cols.shape[0]
@@ -291,3 +387,11 @@ class LayerGeometry:
             self.groups,
             (True, False, False),
         )[0]
+
+
+register_layer(nn.Linear, LayerGeometry.of_linear)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(_conv, LayerGeometry.of_conv)
+
+# the built-in explained layer types (the registry may hold more)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = layer_types()

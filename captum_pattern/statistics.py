@@ -29,7 +29,7 @@ This module knows nothing of ``torch.nn``: the caller computes the batch sums
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -58,6 +58,15 @@ STATS_FOR: dict[str, tuple[str, ...]] = {
 _STAT_ORDER = ("gy", "g", "y")  # neuron-wise sums, in the order they are stacked
 _SCALARS = ("n_pos", "s_y", "s_gy")  # Σ g, Σ ỹ, Σ g·ỹ per neuron
 _SCALAR_OF = {"gy": "s_gy", "g": "n_pos", "y": "s_y"}  # Σ f for each signal f
+
+#: A regime with fewer samples has a zero pattern: Eq. 8 from one sample ``xᵢ`` is
+#: ``xᵢ / yᵢ``, that sample rescaled, not a statistic of the regime.
+MIN_REGIME_SAMPLES = 2
+#: ``a₋`` is zero when ``|wᵀN₋| ≤ EMPTY_RTOL · Σ (y − ȳ)²`` (the linear denominator):
+#: ``N₋`` is the sums of all samples minus those of the open gate, whose float32
+#: rounding leaves about ``1e-8`` of the linear denominator (measured) where the
+#: closed regime is empty; ``2⁻¹³ ≈ 1.2e-4`` leaves a margin of 10⁴ for cancellation.
+EMPTY_RTOL = 2.0**-13
 
 
 def required_stats(pattern_types: Iterable[str]) -> tuple[str, ...]:
@@ -233,6 +242,29 @@ class PatternStatistics:
         self.add(x.shape[0], sums, scalars)
 
     # ----------------------------------------------------------- merge/rebase
+    def reduce(self, all_reduce: Callable[[Tensor], None]) -> None:
+        """Sum these statistics with other processes' through ``all_reduce`` (in place).
+
+        The processes first agree on common references (the mean of those that
+        saw samples), re-express their sums around them exactly
+        (:meth:`rebase`), then add the sums.  A layer that no process saw stays
+        empty.
+        """
+        has = torch.tensor(float(self.has_reference), dtype=torch.float64, device=self.device)
+        x_ref, y_ref = self.x_ref * has, self.y_ref * has
+        for t in (has, x_ref, y_ref):
+            all_reduce(t)
+        if float(has) == 0:
+            return  # no process saw this layer
+        x_ref, y_ref = x_ref / has, y_ref / has
+        if self.has_reference:
+            self.rebase(x_ref, y_ref)
+        else:
+            self.set_reference(x_ref, y_ref)
+        for key, value in self.state_dict().items():
+            if key.startswith(("sum.", "scalar.", "mask.")) or key == "n":
+                all_reduce(value)
+
     def rebase(self, x_ref: Tensor, y_ref: Tensor) -> None:
         """Re-express every sum around new references, exactly (float64 algebra)."""
         self._materialize()
@@ -336,18 +368,30 @@ class PatternStatistics:
         consume: bool = False,
         out_dtype: torch.dtype = torch.float64,
         chunk_bytes: int = 2**26,
+        min_samples: int = MIN_REGIME_SAMPLES,
+        empty_rtol: float = EMPTY_RTOL,
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Patterns of the layer with weight ``weight`` (the weight the sums saw).
 
         Returns, per pattern type, ``(pattern, zero)``: the pattern shaped like
         ``weight`` (in ``out_dtype``, computed in float64) and a bool mask of the
-        neurons whose pattern is undefined (no sample in the regime, or an
-        output that does not vary) and was set to zero.  ``rtol`` is the
-        relative variance below which a neuron's output counts as constant
-        (default ``(64 eps)²`` of float32).  Neurons are solved in blocks of
-        about ``chunk_bytes`` of float64, so a large dense layer needs little
-        memory beyond its sums.  With ``consume`` the accumulators are used as
-        scratch space (no copy) and the object must not be used afterwards.
+        neurons whose pattern is undefined and was set to exactly zero:
+
+        - the regime (all samples, ``g = 1``, ``g = 0``) holds fewer than
+          ``min_samples`` samples (counts are exact);
+        - the regime's denominator ``wᵀ(Σ x·y − Σ x·ȳ)`` is at most ``rtol``
+          times its ``Σ y²`` (default ``(64 eps)²`` of float32: the output does
+          not vary there);
+        - for ``"relu_negative"``, whose sums are those of all samples minus
+          those of the open gate, the denominator is at most ``empty_rtol``
+          times the linear denominator ``Σ (y − ȳ)²``: what is left is
+          rounding residue of the difference, not data (see
+          :data:`EMPTY_RTOL`).
+
+        Neurons are solved in blocks of about ``chunk_bytes`` of float64, so a
+        large dense layer needs little memory beyond its sums.  With ``consume``
+        the accumulators are used as scratch space (no copy) and the object
+        must not be used afterwards.
         """
         self._materialize()
         if pattern_types is None:
@@ -432,11 +476,17 @@ class PatternStatistics:
             if "linear" in denominators:
                 sy = sums_y["linear"].reshape(groups, per_group)[:, rows]
                 scales["linear"] = denominators["linear"] + my * sy
-                if "relu" in scales:
-                    scales["relu_negative"] = scales["linear"] - scales["relu"]
+            n_pos = sc["n_pos"].reshape(groups, per_group)[:, rows]
+            counts = {"relu": n_pos, "linear": n.expand_as(n_pos), "relu_negative": n - n_pos}
             for kind in results:
-                num, denom, scale = numerators[kind], denominators[kind], scales[kind]
-                ok = (denom.abs() > rtol * scale) & (scale > 0) & torch.isfinite(denom)
+                num, denom = numerators[kind], denominators[kind]
+                if kind == "relu_negative":  # a difference of sums: its own Σ y² is one too
+                    linear = denominators["linear"]
+                    varies = linear > rtol * scales["linear"]
+                    ok = varies & (denom.abs() > empty_rtol * linear)
+                else:
+                    ok = (denom.abs() > rtol * scales[kind]) & (scales[kind] > 0)
+                ok &= (counts[kind] >= min_samples) & torch.isfinite(denom)
                 safe = torch.where(ok, denom, torch.ones_like(denom))
                 expand = (*ok.shape, *[1] * len(patch))
                 pattern = num.div_(safe.reshape(expand)).masked_fill_(~ok.reshape(expand), 0.0)

@@ -185,7 +185,9 @@ def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path):
     model = _mlp()
     batches = [torch.randn(4, 5, dtype=torch.float64) for _ in range(4)]
     ckpt = tmp_path / "fit.ckpt"
-    PatternFitter(model).fit(batches, checkpoint=ckpt, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        PatternFitter(model).fit(_interrupted(batches, 3), checkpoint=ckpt, checkpoint_every=1)
+    assert ckpt.exists()
     from captum_pattern import PatternFileError
 
     with pytest.raises(PatternFileError, match="pattern_types"):
@@ -194,6 +196,19 @@ def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path):
         model[0].weight.add_(1)
     with pytest.raises(PatternFileError, match="weights changed"):
         PatternFitter(model).fit(batches, checkpoint=ckpt, resume=True)
+
+
+def test_a_completed_fit_leaves_no_checkpoint_to_resume_from(tmp_path):
+    model = _mlp()
+    first = [torch.randn(4, 5, dtype=torch.float64) for _ in range(3)]
+    other = [torch.randn(4, 5, dtype=torch.float64) + 3 for _ in range(3)]
+    ckpt = tmp_path / "fit.ckpt"
+    PatternFitter(model).fit(first, checkpoint=ckpt, checkpoint_every=1)
+    assert not ckpt.exists()
+    # a later fit on other data with resume=True fits that data, not the first fit's
+    resumed = PatternFitter(model).fit(other, checkpoint=ckpt, checkpoint_every=1, resume=True)
+    fresh = PatternFitter(model).fit(other)
+    _equal(fresh, resumed)
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -130,16 +129,31 @@ def test_batch_statistics_batchnorm_is_refused_everywhere():
         PatternFitter(model)
 
 
-def test_modules_outside_the_method_warn_once_per_object():
+class _FunctionalSigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.sigmoid(self.fc1(x)))
+
+
+def test_functions_outside_the_method_are_refused_by_default():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"Tanh: 1"):
-        patterns = PatternFitter(model).fit([torch.randn(8, 4)])
-    with pytest.warns(UserWarning, match="outside PatternNet"):
-        pn = PatternNet(model, patterns)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pn.attribute(torch.randn(2, 4), target=0)  # no warning on every call
-        pn.attribute(torch.randn(2, 4), target=1)
+    with pytest.raises(UnsupportedModelError, match=r"tanh in '1'.*approximate='gradient'"):
+        PatternFitter(model).fit([torch.randn(8, 4)])
+    # written functionally, found as surely as a module
+    with pytest.raises(UnsupportedModelError, match=r"sigmoid in the model's own forward"):
+        PatternFitter(_FunctionalSigmoid()).fit([torch.randn(8, 4)])
+
+
+def test_approximate_gradient_is_announced_once_per_call_site():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    fitter = PatternFitter(model, approximate="gradient")
+    with pytest.warns(UserWarning, match=r"ordinary gradient is used through tanh") as seen:
+        fitter.fit([torch.randn(8, 4)])
+        fitter.fit([torch.randn(8, 4)])
+    assert len([w for w in seen if "tanh" in str(w.message)]) == 1
 
 
 def test_overflowing_explanation_is_an_error_not_a_nan():
@@ -265,7 +279,13 @@ def test_keyboard_interrupt_while_saving_a_checkpoint_keeps_the_old_one(tmp_path
     model = nn.Sequential(nn.Linear(3, 2))
     batches = [torch.randn(4, 3) for _ in range(4)]
     ckpt = tmp_path / "fit.ckpt"
-    PatternFitter(model).fit(batches[:2], checkpoint=ckpt, checkpoint_every=2)
+
+    def stop_after_two():
+        yield from batches[:2]
+        raise KeyboardInterrupt  # a completed fit deletes its checkpoint: leave one behind
+
+    with pytest.raises(KeyboardInterrupt):
+        PatternFitter(model).fit(stop_after_two(), checkpoint=ckpt, checkpoint_every=2)
     before = ckpt.read_bytes()
     original = patterns_module.save_file
 

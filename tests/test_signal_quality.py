@@ -178,11 +178,11 @@ def test_result_reports_time_and_the_ridge_used():
 )
 def test_position_subsample_gathers_the_same_patches(conv):
     """The gather path (max_positions) picks exactly the strided-slice patches it names."""
-    from captum_pattern.metrics.signal_quality import _LayerQuality
+    from captum_pattern.metrics.signal_quality import _LayerSamples
 
     x = torch.randn(4, conv.in_channels, *([9] * (conv.weight.dim() - 2)))
     z = conv(x).detach()
-    layer = _LayerQuality("layer", conv, None, 5, torch.Generator().manual_seed(3))
+    layer = _LayerSamples("layer", conv, None, 5, torch.Generator().manual_seed(3))
     full, outputs = layer._columns(x, z, False, None)
     sampled, sampled_outputs = layer._columns(x, z, True, None)
     positions = z[0, 0].numel()

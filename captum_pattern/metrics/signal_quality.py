@@ -52,17 +52,18 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..canonize import explained_layers, folded_parameters, model_state_guard
-from ..fitter import batch_inputs
-from ..layers import LayerGeometry
+from ..canonize import folded_parameters, model_state_guard
+from ..layers import LayerGeometry, layer_weight
 from ..patterns import LayerPatterns, Patterns
+from ..runner import StreamRunner
+from ..tap import explained_layers, layer_tap
 
 __all__ = ["ESTIMATORS", "SignalQuality", "estimator_patterns", "rho_means", "signal_quality"]
 
@@ -148,8 +149,8 @@ class SignalQuality(dict):
         self.ridge = dict(ridge)
 
 
-class _LayerQuality:
-    """The sums and the solution of one layer, for every estimator at once."""
+class _LayerSamples:
+    """How one layer's samples are read: its geometry, folded weight and patches."""
 
     def __init__(
         self,
@@ -166,35 +167,10 @@ class _LayerQuality:
         self.bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
         self.max_positions = max_positions
         self.generator = generator
-        geo = self.geometry
-        self.groups = geo.groups
-        self.out_per_group = geo.out_channels // geo.groups
+        self.device = layer_weight(module).device
+        self.groups = self.geometry.groups
+        self.out_per_group = self.geometry.out_channels // self.groups
         self.dim = self.weight.shape[1]
-        self.pending: list[Tensor] = []
-        self.ridge_used = 0.0
-        # split 2
-        self.n = 0
-        self.reference: Tensor | None = None
-        self.sum_x: Tensor | None = None
-        self.sum_xx: Tensor | None = None
-        self.sum_xut: Tensor | None = None
-        self.scalars: Tensor | None = None  # Σu, Σt, Σu², Σt² per neuron
-        # solution and split 3
-        self.estimators: list[str] = []
-        self.v: Tensor | None = None  # (E, O, D)
-        self.v_eval: Tensor | None = None  # (E, O, D): v − (vᵀa₋)·w
-        self.alpha: Tensor | None = None  # (E, O): vᵀa₊ − vᵀa₋
-        self.eval_offset: Tensor | None = None  # (E, O): split-2 mean of (v − (vᵀa₋)·w)ᵀx − α·u
-        self.mean_y: Tensor | None = None  # (O,): split-2 mean of y
-        self.eval_sums: Tensor | None = None  # Σy, Σy², Σr, Σr², Σry over (E, O), r = vᵀd
-
-    # ------------------------------------------------------------- samples
-    def _padded(self, x: Tensor) -> Tensor:
-        geo = self.geometry
-        if not any(geo.pad):
-            return x
-        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
-        return F.pad(x, geo.pad, mode=mode)
 
     def _columns(
         self, x: Tensor, z: Tensor, subsample: bool, reference: Tensor | None
@@ -215,7 +191,7 @@ class _LayerQuality:
         out_shape = tuple(z.shape[2:])
         positions = math.prod(out_shape)
         n, c = x.shape[:2]
-        padded = self._padded(x).transpose(0, 1)  # (C, N, *padded)
+        padded = geo.padded(x).transpose(0, 1)  # (C, N, *padded)
         offsets = list(itertools.product(*(range(k) for k in geo.weight_shape[2:])))
         outputs = z.transpose(0, 1).reshape(z.shape[1], -1)
         if subsample and self.max_positions is not None and self.max_positions < positions:
@@ -261,21 +237,41 @@ class _LayerQuality:
             return max(1, x.shape[0])
         return max(1, _CHUNK_ELEMENTS // max(1, per_item))
 
-    # ---------------------------------------------------------- split 2 sums
+    def split_u_t(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = z − b`` split by the gate ``z > 0``: ``(u, y)`` with ``u = y·g``."""
+        y = z - self.bias.to(z.device, z.dtype)[:, None]
+        return torch.where(z > 0, y, 0.0), y
+
+
+class _VSums:
+    """Split 2: the sums that fit ``v`` (``Σx``, ``Σxxᵀ``, ``Σxu``, ``Σxt``, scalars)."""
+
+    def __init__(self, layer: _LayerSamples) -> None:
+        self.layer = layer
+        G, Og, D = layer.groups, layer.out_per_group, layer.dim
+        self.n = 0
+        self.reference: Tensor | None = None  # (K, C, 1): patches are centred on it
+        f64, device = torch.float64, layer.device
+        self.sum_x = torch.zeros(G, D, dtype=f64, device=device)
+        self.sum_xx = torch.zeros(G, D, D, dtype=f64, device=device)
+        self.sum_xut = torch.zeros(G, D, 2 * Og, dtype=f64, device=device)
+        self.scalars = torch.zeros(4, G * Og, dtype=f64, device=device)  # Σu, Σt, Σu², Σt²
+
     def observe_v(self, x: Tensor, z: Tensor) -> None:
-        geo = self.geometry
+        layer = self.layer
+        geo = layer.geometry
         dtype = x.dtype if x.dtype == torch.float64 else torch.float32
         x, z = x.to(dtype), z.to(dtype)
         if geo.spatial_dims:
             positions = z[0, 0].numel()
-            step = self._image_chunks(x, positions * self.dim * self.groups)
+            step = layer._image_chunks(x, positions * layer.dim * layer.groups)
         else:
             x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
-            step = max(1, _CHUNK_ELEMENTS // max(1, self.dim))
+            step = max(1, _CHUNK_ELEMENTS // max(1, layer.dim))
         for i in range(0, x.shape[0], step):
             chunk_x, chunk_z = x[i : i + step], z[i : i + step]
             reference = None if self.reference is None else self.reference.to(dtype)
-            columns, outputs = self._columns(chunk_x, chunk_z, True, reference)
+            columns, outputs = layer._columns(chunk_x, chunk_z, True, reference)
             if self.reference is None:
                 # centre on the first chunk's means: accurate float32 products for offset inputs
                 self.reference = columns.mean(2, keepdim=True)
@@ -284,16 +280,9 @@ class _LayerQuality:
 
     def _add_v(self, columns: Tensor, z: Tensor) -> None:
         """Add the sums of centred patch columns ``(K, C, S)`` and outputs ``(O, S)``."""
-        G, Og = self.groups, self.out_per_group
-        k, c, count = columns.shape
-        if self.sum_x is None:
-            D = k * (c // G)
-            self.sum_x = torch.zeros(G, D, dtype=torch.float64, device=z.device)
-            self.sum_xx = torch.zeros(G, D, D, dtype=torch.float64, device=z.device)
-            self.sum_xut = torch.zeros(G, D, 2 * Og, dtype=torch.float64, device=z.device)
-            self.scalars = torch.zeros(4, G * Og, dtype=torch.float64, device=z.device)
-        y = z - self.bias.to(z.device, z.dtype)[:, None]
-        u = torch.where(z > 0, y, 0.0)
+        G, Og = self.layer.groups, self.layer.out_per_group
+        _, c, count = columns.shape
+        u, y = self.layer.split_u_t(z)
         t = y - u
         self.n += count
         for g in range(G):
@@ -306,40 +295,73 @@ class _LayerQuality:
 
     def _weight_order(self) -> None:
         """Reorder the sums from (kernel offset, channel) to the weight's (channel, offset)."""
-        k = math.prod(self.geometry.weight_shape[2:])
+        k = math.prod(self.layer.geometry.weight_shape[2:])
         if k == 1:
             return
-        per_group = self.dim // k
-        perm = torch.arange(self.dim, device=self.sum_x.device).reshape(k, per_group).T.flatten()
+        per_group = self.layer.dim // k
+        perm = (
+            torch.arange(self.layer.dim, device=self.sum_x.device).reshape(k, per_group).T.flatten()
+        )
         self.sum_x = self.sum_x[:, perm]
         self.sum_xx = self.sum_xx[:, perm][:, :, perm]
         self.sum_xut = self.sum_xut[:, perm]
 
-    # -------------------------------------------------------------- solve
-    def solve(
-        self, patterns: LayerPatterns | None, estimators: Sequence[str], ridge: float
-    ) -> None:
-        if self.n == 0:
-            raise ValueError(f"layer {self.name!r} saw no sample in v_data")
+    def covariances(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per group ``mean (G, D)``, ``Cov[x] (G, D, D)``, ``Cov[x, u]`` and ``Cov[x, t]``
+        ``(G, D, O/G)``, in the weight's (channel, offset) order."""
         self._weight_order()
-        G, Og, D = self.groups, self.out_per_group, self.dim
-        device = self.sum_x.device
-        weight = self.weight.to(device)
-        by_est = {e: estimator_patterns(weight, patterns, e, self.generator) for e in estimators}
+        n, Og = float(self.n), self.layer.out_per_group
+        mu, mt = self.scalars[0] / n, self.scalars[1] / n
+        mean = self.sum_x / n
+        cov = self.sum_xx / n - mean.unsqueeze(2) * mean.unsqueeze(1)
+        cov = (cov + cov.transpose(1, 2)) / 2
+        G = self.layer.groups
+        c_u = self.sum_xut[:, :, :Og] / n - mean.unsqueeze(2) * mu.reshape(G, 1, Og)
+        c_t = self.sum_xut[:, :, Og:] / n - mean.unsqueeze(2) * mt.reshape(G, 1, Og)
+        return mean, cov, c_u, c_t
+
+
+class _Solution:
+    """``v`` of every neuron and estimator, folded into the linear map split 3 needs."""
+
+    def __init__(
+        self,
+        layer: _LayerSamples,
+        sums: _VSums,
+        patterns: LayerPatterns | None,
+        estimators: Sequence[str],
+        ridge: float,
+    ) -> None:
+        self.layer = layer
+        self.name = layer.name
+        self.ridge_used = 0.0
         self.estimators = list(estimators)
+        if sums.n == 0:
+            raise ValueError(f"layer {self.name!r} saw no sample in v_data")
+        v, mu, mt, weight, by_est = self._solve(sums, patterns, ridge)
+        a_plus = torch.stack([by_est[e][0] for e in estimators])
+        a_minus = torch.stack([by_est[e][1] for e in estimators])
+        self._prepare_eval(sums, v, (v * a_plus).sum(-1), (v * a_minus).sum(-1), weight, mu, mt)
+
+    def _solve(
+        self, sums: _VSums, patterns: LayerPatterns | None, ridge: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """``v (E, O, D)`` by Woodbury, one Cholesky per group (see the module's text)."""
+        layer, estimators = self.layer, self.estimators
+        G, Og, D = layer.groups, layer.out_per_group, layer.dim
+        means, covs, c_us, c_ts = sums.covariances()
+        device = means.device
+        weight = layer.weight.to(device)
+        by_est = {e: estimator_patterns(weight, patterns, e, layer.generator) for e in estimators}
         E = len(estimators)
         v = torch.zeros(E, G * Og, D, dtype=torch.float64, device=device)
-        n = float(self.n)
-        mu, mt, muu, mtt = (s / n for s in self.scalars)
+        n = float(sums.n)
+        mu, mt, muu, mtt = (s / n for s in sums.scalars)
         var_u, var_t, cov_ut = muu - mu * mu, mtt - mt * mt, -mu * mt
         for g in range(G):
             block = slice(g * Og, (g + 1) * Og)
-            mean = self.sum_x[g] / n
-            cov = self.sum_xx[g] / n - torch.outer(mean, mean)
-            cov = (cov + cov.T) / 2
-            c_u = self.sum_xut[g, :, :Og] / n - torch.outer(mean, mu[block])
-            c_t = self.sum_xut[g, :, Og:] / n - torch.outer(mean, mt[block])
-            factor = self._factor(cov, ridge)
+            c_u, c_t = c_us[g], c_ts[g]
+            factor = self._factor(covs[g], ridge)
             M = _woodbury_m(var_u[block], var_t[block], cov_ut[block])
             beta = torch.stack(
                 [
@@ -379,15 +401,17 @@ class _LayerQuality:
                     weights = torch.zeros(hi - lo, 1, width, dtype=torch.float64, device=device)
                     weights[:, 0].index_add_(1, index, w[..., 0])
                     v[i, g * Og + lo : g * Og + hi] = torch.bmm(weights, solved)[:, 0]
-        a_plus = torch.stack([by_est[e][0] for e in estimators])
-        a_minus = torch.stack([by_est[e][1] for e in estimators])
-        self.v = v
-        self._prepare_eval(v, (v * a_plus).sum(-1), (v * a_minus).sum(-1), weight, mu, mt)
-        # the split-2 sums are no longer needed
-        self.sum_xx = self.sum_xut = None
+        return v, mu, mt, weight, by_est
 
     def _prepare_eval(
-        self, v: Tensor, v_a_plus: Tensor, v_a_minus: Tensor, weight: Tensor, mu: Tensor, mt: Tensor
+        self,
+        sums: _VSums,
+        v: Tensor,
+        v_a_plus: Tensor,
+        v_a_minus: Tensor,
+        weight: Tensor,
+        mu: Tensor,
+        mt: Tensor,
     ) -> None:
         """Fold what split 3 needs into one linear map per neuron and estimator.
 
@@ -396,13 +420,14 @@ class _LayerQuality:
         matmul) and one ``addcmul``.  The split-2 means of ``x`` and ``u`` give
         an offset that centres it, so float32 sums of split 3 stay accurate.
         """
-        G, Og, D = self.groups, self.out_per_group, self.dim
+        G, Og, D = self.layer.groups, self.layer.out_per_group, self.layer.dim
         self.alpha = v_a_plus - v_a_minus  # (E, O)
         self.v_eval = v - v_a_minus.unsqueeze(-1) * weight  # (E, O, D), weight order
-        k = math.prod(self.geometry.weight_shape[2:])
+        k = math.prod(self.layer.geometry.weight_shape[2:])
         # the split-2 mean of x in the weight's (channel, offset) order
-        reference = self.reference.double().reshape(k, G, D // k).transpose(0, 1)
-        mean = self.sum_x / self.n + reference.transpose(1, 2).reshape(G, D).to(self.sum_x)
+        assert sums.reference is not None
+        reference = sums.reference.double().reshape(k, G, D // k).transpose(0, 1)
+        mean = sums.sum_x / sums.n + reference.transpose(1, 2).reshape(G, D).to(sums.sum_x)
         per_neuron = mean.repeat_interleave(Og, 0)  # (O, D)
         self.eval_offset = (self.v_eval * per_neuron).sum(-1) - self.alpha * mu  # (E, O)
         self.mean_y = mu + mt
@@ -424,46 +449,62 @@ class _LayerQuality:
                 raise ValueError(f"layer {self.name!r}: Cov[x] is not a covariance matrix")
             ridge = max(ridge * 10, 1e-12)
 
-    # ---------------------------------------------------------- split 3 sums
+
+class _EvalSums:
+    """Split 3: the sums of ``y`` and ``vᵀd`` that give the correlation, then ρ."""
+
+    def __init__(self, solution: _Solution) -> None:
+        self.layer = solution.layer
+        self.solution = solution
+        self.name = solution.name
+        self.estimators = solution.estimators
+        shape = (5, len(self.estimators), self.layer.weight.shape[0])
+        self.eval_n = 0
+        # Σy, Σy², Σr, Σr², Σry per estimator and neuron, r = vᵀd
+        self.eval_sums = torch.zeros(shape, dtype=torch.float64, device=self.layer.device)
+
     def observe_eval(self, x: Tensor, z: Tensor) -> None:
-        geo = self.geometry
+        layer = self.layer
+        geo = layer.geometry
         dtype = x.dtype if x.dtype == torch.float64 else torch.float32
         x, z = x.to(dtype), z.to(dtype)
-        E, neurons = self.v_eval.shape[:2]
-        if geo.spatial_dims and self.max_positions is None:
-            step = self._image_chunks(x, E * z[0].numel())
+        E, neurons = self.solution.v_eval.shape[:2]
+        if geo.spatial_dims and layer.max_positions is None:
+            step = layer._image_chunks(x, E * z[0].numel())
             for i in range(0, x.shape[0], step):
                 self._eval_convolved(x[i : i + step], z[i : i + step], dtype)
             return
         if geo.spatial_dims:
-            per_image = min(self.max_positions, z[0, 0].numel()) * max(E * neurons, self.dim)
-            step = self._image_chunks(x, per_image)
+            assert layer.max_positions is not None
+            per_image = min(layer.max_positions, z[0, 0].numel()) * max(E * neurons, layer.dim)
+            step = layer._image_chunks(x, per_image)
         else:
             x, z = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
-            step = max(1, _CHUNK_ELEMENTS // max(1, E * neurons, self.dim))
+            step = max(1, _CHUNK_ELEMENTS // max(1, E * neurons, layer.dim))
         for i in range(0, x.shape[0], step):
-            columns, outputs = self._columns(x[i : i + step], z[i : i + step], True, None)
+            columns, outputs = layer._columns(x[i : i + step], z[i : i + step], True, None)
             self._eval_columns(columns, outputs, dtype)
 
     def _eval_convolved(self, x: Tensor, z: Tensor, dtype: torch.dtype) -> None:
         """Split-3 sums over every output position: one convolution for all ``v``."""
-        geo = self.geometry
-        E, G, Og = len(self.estimators), self.groups, self.out_per_group
-        v = self.v_eval.to(x.device, dtype)
+        geo, sol = self.layer.geometry, self.solution
+        E, G, Og = len(self.estimators), self.layer.groups, self.layer.out_per_group
+        v = sol.v_eval.to(x.device, dtype)
         kernel = v.reshape(E, G, Og, -1).transpose(0, 1).reshape(G, E, Og, *geo.weight_shape[1:])
-        bias = self.eval_offset.to(x.device, dtype).reshape(E, G, Og).transpose(0, 1)
+        bias = sol.eval_offset.to(x.device, dtype).reshape(E, G, Og).transpose(0, 1)
         conv = (F.conv1d, F.conv2d, F.conv3d)[geo.spatial_dims - 1]
         out = conv(
-            self._padded(x), kernel.flatten(0, 2), -bias.flatten(), geo.stride, 0, geo.dilation, G
+            geo.padded(x), kernel.flatten(0, 2), -bias.flatten(), geo.stride, 0, geo.dilation, G
         )
         out = out.reshape(x.shape[0], G, E, Og, -1).transpose(1, 2).flatten(2, 3)
         self._add_eval(out, z.reshape(*z.shape[:2], -1), dims=(0, 3))
 
     def _eval_columns(self, columns: Tensor, z: Tensor, dtype: torch.dtype) -> None:
         """Split-3 sums over patch columns ``(K, C, S)`` and outputs ``(O, S)``."""
-        E, G, Og = len(self.estimators), self.groups, self.out_per_group
+        sol = self.solution
+        E, G, Og = len(self.estimators), self.layer.groups, self.layer.out_per_group
         k, c, count = columns.shape
-        v = self.v_eval.to(columns.device, dtype)
+        v = sol.v_eval.to(columns.device, dtype)
         # the weight's (channel, offset) order to the columns' (offset, channel)
         v = v.reshape(E, G, Og, c // G, k).transpose(-1, -2).reshape(E, G, Og, -1)
         out = columns.new_empty(G, E * Og, count)
@@ -471,22 +512,17 @@ class _LayerQuality:
             xg = columns[:, g * (c // G) : (g + 1) * (c // G)].reshape(-1, count)
             torch.mm(v[:, g].reshape(E * Og, -1), xg, out=out[g])
         out = out.reshape(G, E, Og, count).transpose(0, 1).reshape(E, G * Og, count)
-        out.sub_(self.eval_offset.to(out).unsqueeze(-1))
+        out.sub_(sol.eval_offset.to(out).unsqueeze(-1))
         self._add_eval(out.unsqueeze(0), z.unsqueeze(0), dims=(0, 3))
 
     def _add_eval(self, residual: Tensor, z: Tensor, dims: tuple[int, ...]) -> None:
         """Add the sums of ``vᵀd`` (``residual``: ``(N, E, O, P)``, offset-centred
         ``(v − (vᵀa₋)·w)ᵀx``) and ``y`` (from ``z``: ``(N, O, P)``)."""
-        dtype = residual.dtype
-        y = z - self.bias.to(z.device, dtype)[:, None]
-        u = torch.where(z > 0, y, 0.0).unsqueeze(1)
-        residual.addcmul_(self.alpha.to(u)[..., None], u, value=-1.0)  # vᵀd, centred
-        y = (y - self.mean_y.to(y)[:, None]).unsqueeze(1)
-        if self.eval_sums is None:
-            self.eval_sums = torch.zeros(
-                5, *residual.shape[1:3], dtype=torch.float64, device=z.device
-            )
-            self.eval_n = 0
+        sol = self.solution
+        u, y = self.layer.split_u_t(z)
+        u = u.unsqueeze(1)
+        residual.addcmul_(sol.alpha.to(u)[..., None], u, value=-1.0)  # vᵀd, centred
+        y = (y - sol.mean_y.to(y)[:, None]).unsqueeze(1)
         self.eval_n += y.numel() // y.shape[2]
         # float32 sums of centred values per chunk, accumulated in float64
         self.eval_sums += torch.stack(
@@ -501,7 +537,7 @@ class _LayerQuality:
 
     def rho(self) -> dict[str, Tensor]:
         """ρ per neuron and estimator from the split-3 sums (NaN where undefined)."""
-        if self.eval_sums is None:
+        if self.eval_n == 0:
             raise ValueError(f"layer {self.name!r} saw no sample in eval_data")
         n = float(self.eval_n)
         sy, syy, sr, srr, syr = (s / n for s in self.eval_sums)
@@ -526,52 +562,19 @@ def _woodbury_m(var_u: Tensor, var_t: Tensor, cov_ut: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------ passes
 def _run_pass(
-    model: nn.Module,
-    collectors: dict[str, _LayerQuality],
+    runner: StreamRunner,
     folds: Mapping[str, str],
     data: Iterable[Any],
-    observe: str,
-    max_batches: int | None,
-    device: torch.device,
-    extra: tuple[Any, ...],
+    observers: Mapping[str, Callable[[Tensor, Tensor], None]],
+    what: str,
 ) -> int:
-    """Run ``model`` over ``data`` with hooks that feed ``collector.<observe>(x, z)``."""
-    handles = []
-    for name, c in collectors.items():
-        layer = model.get_submodule(name)
-        feed = getattr(c, observe)
-        if name in folds:
+    """Run the model over ``data``, feeding each layer's ``(x, z)`` to its observer."""
 
-            def store(module, inputs, output, c=c):
-                c.pending.append(inputs[0].detach())
+    def observe(name: str, x: Tensor, z: Tensor) -> None:
+        observers[name](x.detach(), z.detach())
 
-            def from_bn(module, inputs, output, c=c, feed=feed):
-                feed(c.pending.pop(), output.detach())
-
-            handles.append(layer.register_forward_hook(store))
-            handles.append(model.get_submodule(folds[name]).register_forward_hook(from_bn))
-        else:
-
-            def direct(module, inputs, output, feed=feed):
-                feed(inputs[0].detach(), output.detach())
-
-            handles.append(layer.register_forward_hook(direct))
-    batches = 0
-    try:
-        for batch in data:
-            if max_batches is not None and batches >= max_batches:
-                break
-            inputs = tuple(t.to(device) for t in batch_inputs(batch, batches))
-            model(*inputs, *extra)
-            batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for c in collectors.values():
-            c.pending.clear()
-    if batches == 0:
-        raise ValueError(f"the data for the {observe} pass yielded no batch")
-    return batches
+    with layer_tap(runner.model, list(observers), folds, observe, runner.where) as tap:
+        return runner.run(data, lambda _: tap.check(), what=what)
 
 
 def signal_quality(
@@ -641,21 +644,10 @@ def signal_quality(
     if unknown:
         raise ValueError(f"no Linear/Conv layer named {unknown[0]!r}; layers: {list(available)}")
     folds = {n: b for n, b in patterns.folds.items() if n in names}
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device)
-    extra = (
-        ()
-        if additional_forward_args is None
-        else (
-            tuple(additional_forward_args)
-            if isinstance(additional_forward_args, tuple)
-            else (additional_forward_args,)
-        )
-    )
+    runner = StreamRunner(model, device, additional_forward_args, max_batches)
     generator = torch.Generator().manual_seed(seed)
-    collectors = {
-        name: _LayerQuality(
+    samples = {
+        name: _LayerSamples(
             name,
             available[name],
             model.get_submodule(folds[name]) if name in folds else None,
@@ -667,17 +659,24 @@ def signal_quality(
     seconds = {}
     with model_state_guard(model), torch.no_grad():
         start = time.perf_counter()
-        _run_pass(model, collectors, folds, v_data, "observe_v", max_batches, device, extra)
+        v_sums = {name: _VSums(layer) for name, layer in samples.items()}
+        observers = {name: sums.observe_v for name, sums in v_sums.items()}
+        _run_pass(runner, folds, v_data, observers, "the data for the v pass (v_data)")
         seconds["v_pass"] = time.perf_counter() - start
         start = time.perf_counter()
-        for name, c in collectors.items():
-            c.solve(patterns[name], estimators, ridge)
+        solutions = {
+            name: _Solution(samples[name], sums, patterns[name], estimators, ridge)
+            for name, sums in v_sums.items()
+        }
+        del v_sums, observers  # the split-2 sums are no longer needed
         seconds["solve"] = time.perf_counter() - start
         start = time.perf_counter()
-        _run_pass(model, collectors, folds, eval_data, "observe_eval", max_batches, device, extra)
+        eval_sums = {name: _EvalSums(solution) for name, solution in solutions.items()}
+        observers = {name: sums.observe_eval for name, sums in eval_sums.items()}
+        _run_pass(runner, folds, eval_data, observers, "the data for the eval pass (eval_data)")
         seconds["eval_pass"] = time.perf_counter() - start
     return SignalQuality(
-        {name: c.rho() for name, c in collectors.items()},
+        {name: sums.rho() for name, sums in eval_sums.items()},
         seconds,
-        {name: c.ridge_used for name, c in collectors.items()},
+        {name: solution.ridge_used for name, solution in solutions.items()},
     )
