@@ -48,6 +48,7 @@ from .errors import (
 )
 from .patterns import Patterns, attached_patterns, unwrap_model
 from .rules import PatternRule, PatternTimesWeightRule, SubstitutionRule
+from .tap import module_hooks
 
 __all__ = [
     "LayerPatternAttribution",
@@ -742,14 +743,9 @@ def _capture_layer(
         cloned = record(_tensors_of(output, "output"))
         return cloned[0] if isinstance(output, Tensor) else cloned
 
-    if to_input:
-        handle = layer.register_forward_pre_hook(pre_hook)
-    else:
-        handle = layer.register_forward_hook(hook)
-    try:
+    hooks = module_hooks(pre={layer: pre_hook}) if to_input else module_hooks({layer: hook})
+    with hooks:
         yield calls
-    finally:
-        handle.remove()
 
 
 class _NeuronPatternGradient(NeuronAttribution, GradientAttribution):

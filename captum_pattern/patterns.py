@@ -404,7 +404,7 @@ class Patterns(Mapping[str, LayerPatterns]):
         save_atomically(tensors, path, metadata)
 
     @classmethod
-    def load(
+    def load(  # long: reads, checks and names every layer's tensors and metadata
         cls,
         path: str | os.PathLike[str],
         model: nn.Module | None = None,
