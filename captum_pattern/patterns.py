@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .canonize import explained_layers, folded_parameters
 from .errors import PatternFileError, PatternMismatchError
+from .layers import layer_weight
 from .statistics import PATTERN_TYPES
 
 __all__ = [
@@ -354,10 +355,11 @@ class Patterns(Mapping[str, LayerPatterns]):
         modules = dict(model.named_modules())
         for name, layer in layers.items():
             lp = self._layers[name]
-            if lp.weight_shape != tuple(layer.weight.shape):
+            shape = tuple(layer_weight(layer).shape)
+            if lp.weight_shape != shape:
                 raise PatternMismatchError(
                     f"layer {name!r}: patterns have shape {lp.weight_shape} but the layer's "
-                    f"weight has shape {tuple(layer.weight.shape)}"
+                    f"weight has shape {shape}"
                 )
             bn = lp.folded_batchnorm
             if bn is not None and not isinstance(modules.get(bn), nn.modules.batchnorm._BatchNorm):
