@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "InvalidDataError",
     "InvalidInputError",
+    "InvalidTargetError",
     "PatternError",
     "PatternFileError",
     "PatternMismatchError",
@@ -47,6 +48,14 @@ class InvalidDataError(PatternError, ValueError):
 
 class InvalidInputError(PatternError, ValueError):
     """The inputs or targets given to ``attribute`` do not fit the model."""
+
+
+class InvalidTargetError(InvalidInputError, AssertionError):
+    """A ``target`` or ``neuron_selector`` that names no single value per example.
+
+    Also an ``AssertionError``, the type Captum's methods raise for an
+    impossible target or neuron, so code written against Captum catches it.
+    """
 
 
 @contextmanager

@@ -206,7 +206,7 @@ class PatternFitter:
             patterns = self._patterns(state.collectors, folds, done)
         patterns.settings["outputs"] = facts.outputs
         _report_zeros(patterns, facts.outputs)
-        return patterns
+        return patterns.attach(self.model)  # PatternNet(model) finds them (a weak link)
 
     def _probe(
         self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,18 @@ from torch import Tensor, nn
 
 from .canonize import explained_layers, folded_parameters
 from .errors import PatternFileError, PatternMismatchError
+from .layers import layer_weight
 from .statistics import PATTERN_TYPES
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LayerPatterns", "Patterns", "weights_fingerprint"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LayerPatterns",
+    "Patterns",
+    "attached_patterns",
+    "unwrap_model",
+    "weights_fingerprint",
+]
 
 FORMAT_NAME = "captum-pattern"
 FORMAT_VERSION = 1
@@ -106,8 +116,68 @@ def save_atomically(
         raise
 
 
+# ------------------------------------------------------- wrapped models
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside its wrappers and the prefix the wrappers add to its module names."""
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model, prefix = inner, prefix + "_orig_mod."  # torch.compile
+        else:
+            return model, prefix
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile``.
+
+    Patterns are named after the unwrapped model's modules, so patterns fitted
+    on the bare or on the wrapped model serve both.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> unwrap_model(torch.nn.DataParallel(net)) is net
+    True
+    """
+    return _unwrap(model)[0]
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _wrapper_prefix(names: Iterable[str], wanted: Iterable[str]) -> str:
+    """The wrapper prefix to remove from every name so that ``names`` become ``wanted``.
+
+    As ``torch.nn.modules.utils.consume_prefix_in_state_dict_if_present``: a
+    prefix is removed only when every name has it; ``""`` when no sequence of
+    wrapper prefixes makes the names match.
+    """
+    names, wanted = list(names), set(wanted)
+    prefix = ""
+    while {n[len(prefix) :] for n in names} != wanted:
+        rest = [n[len(prefix) :] for n in names]
+        step = next(
+            (p for p in _WRAPPER_PREFIXES if rest and all(r.startswith(p) for r in rest)), None
+        )
+        if step is None:
+            return ""
+        prefix += step
+    return prefix
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
 def weights_fingerprint(model: nn.Module, folds: Mapping[str, str]) -> str:
-    """A short hash of the (folded) weights and biases of every explained layer."""
+    """A short hash of the (folded) weights and biases of every explained layer.
+
+    Wrappers (``DataParallel``, ``torch.compile``) do not change it.
+    """
+    model, prefix = _unwrap(model)
+    folds = {_strip(k, prefix): _strip(v, prefix) for k, v in folds.items()}
     digest = hashlib.blake2b(digest_size=16)
     for name, layer in explained_layers(model).items():
         bn = model.get_submodule(folds[name]) if name in folds else None
@@ -209,6 +279,49 @@ class Patterns(Mapping[str, LayerPatterns]):
         }
         return Patterns(layers, self.fingerprint, self.settings)
 
+    # ------------------------------------------------------- models and names
+    def for_model(self, model: nn.Module) -> Patterns:
+        """These patterns named after ``model``'s unwrapped modules (see :func:`unwrap_model`).
+
+        Patterns fitted on (or saved from) ``nn.DataParallel(net)``,
+        ``DistributedDataParallel(net)`` or ``torch.compile(net)`` carry the
+        wrapper's prefix (``module.``, ``_orig_mod.``); it is removed when that
+        makes the names those of ``net``.  Returns ``self`` when nothing changes.
+        """
+        inner = unwrap_model(model)
+        prefix = _wrapper_prefix(self._layers, explained_layers(inner))
+        if not prefix:
+            return self
+        layers = {
+            name[len(prefix) :]: replace(
+                lp, folded_batchnorm=lp.folded_batchnorm and _strip(lp.folded_batchnorm, prefix)
+            )
+            for name, lp in self._layers.items()
+        }
+        return Patterns(layers, self.fingerprint, self.settings)
+
+    def attach(self, model: nn.Module) -> Patterns:
+        """Make these the patterns of ``model``: ``PatternNet(model)`` then uses them.
+
+        Nothing is written on the model (its modules, parameters, buffers and
+        ``state_dict`` are unchanged) and the model is not kept alive: the link
+        is a weak reference, dropped with the model.  :class:`PatternFitter`
+        and :meth:`load` with ``model=`` attach on their own.  Raises
+        :class:`PatternMismatchError` when the patterns do not fit ``model``.
+
+        >>> import torch
+        >>> from captum_pattern import PatternAttribution, PatternFitter
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> patterns = PatternFitter(net).fit([torch.randn(64, 4)])  # attaches them
+        >>> PatternAttribution(net).attribute(torch.randn(2, 4), target=1).shape
+        torch.Size([2, 4])
+        >>> attached_patterns(torch.nn.DataParallel(net)) is patterns
+        True
+        """
+        self.validate(model)
+        _ATTACHED[unwrap_model(model)] = self.for_model(model)
+        return self
+
     # ---------------------------------------------------------------- validate
     def validate(self, model: nn.Module, check_fingerprint: bool = False) -> None:
         """Raise :class:`PatternMismatchError` unless these patterns fit ``model``.
@@ -217,7 +330,13 @@ class Patterns(Mapping[str, LayerPatterns]):
         pattern belongs to a layer the model lacks, that the shapes agree and
         that the folded BatchNorms exist.  With ``check_fingerprint``, warns
         when the model's weights differ from those the patterns were fitted on.
+        Wrapped models are checked by their unwrapped names (:meth:`for_model`).
         """
+        renamed = self.for_model(model)
+        if renamed is not self:
+            renamed.validate(model, check_fingerprint)
+            return
+        model = unwrap_model(model)
         layers = explained_layers(model)
         missing = sorted(set(layers) - set(self._layers))
         extra = sorted(set(self._layers) - set(layers))
@@ -236,10 +355,11 @@ class Patterns(Mapping[str, LayerPatterns]):
         modules = dict(model.named_modules())
         for name, layer in layers.items():
             lp = self._layers[name]
-            if lp.weight_shape != tuple(layer.weight.shape):
+            shape = tuple(layer_weight(layer).shape)
+            if lp.weight_shape != shape:
                 raise PatternMismatchError(
                     f"layer {name!r}: patterns have shape {lp.weight_shape} but the layer's "
-                    f"weight has shape {tuple(layer.weight.shape)}"
+                    f"weight has shape {shape}"
                 )
             bn = lp.folded_batchnorm
             if bn is not None and not isinstance(modules.get(bn), nn.modules.batchnorm._BatchNorm):
@@ -286,13 +406,13 @@ class Patterns(Mapping[str, LayerPatterns]):
         save_atomically(tensors, path, metadata)
 
     @classmethod
-    def load(
+    def load(  # long: reads, checks and names every layer's tensors and metadata
         cls,
         path: str | os.PathLike[str],
         model: nn.Module | None = None,
         device: torch.device | str | None = None,
     ) -> Patterns:
-        """Read a file written by :meth:`save`; validate against ``model`` if given.
+        """Read a file written by :meth:`save`; validate against ``model`` and attach, if given.
 
         Raises :class:`PatternFileError` for a file that is not a readable
         pattern file and :class:`PatternMismatchError` when it does not fit
@@ -355,10 +475,24 @@ class Patterns(Mapping[str, LayerPatterns]):
             settings = json.loads(metadata.get("settings", "{}"))
         except json.JSONDecodeError as exc:
             raise PatternFileError(f"{path}: metadata 'settings' is not JSON") from exc
-        patterns = cls(layers, metadata.get("fingerprint") or None, settings)
-        if model is not None:
-            patterns.validate(model, check_fingerprint=True)
-        return patterns
+        loaded = cls(layers, metadata.get("fingerprint") or None, settings)
+        if model is None:
+            return loaded
+        loaded = loaded.for_model(model)
+        loaded.validate(model, check_fingerprint=True)
+        return loaded.attach(model)
+
+
+# Patterns attached to models (Patterns.attach); weak keys, so a model is not kept alive.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Patterns] = weakref.WeakKeyDictionary()
+
+
+def attached_patterns(model: nn.Module) -> Patterns | None:
+    """The patterns attached to ``model`` (or to the model it wraps), or ``None``.
+
+    Named after the unwrapped model's modules.  See :meth:`Patterns.attach`.
+    """
+    return _ATTACHED.get(unwrap_model(model))
 
 
 def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import torch
 from captum.attr import Saliency
 
 from captum_pattern import PatternAttribution, PatternFitter, PatternNet
+from captum_pattern.errors import InvalidTargetError
 from models import MODELS, Branching, Volumetric, folded_weight, folds_of, random_patterns
 from reference import reference_backward
 
@@ -103,15 +104,15 @@ def test_volumetric_multi_dim_output_and_list_of_tuples():
     assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
-def test_int_target_on_3d_output_selects_rows_like_captum():
-    """Captum: an int target on (N, A, B) selects (N, B); the backward starts from all of them."""
+def test_int_target_on_3d_output_is_refused_like_captum():
+    """Captum: an int target on (N, A, B) leaves B values per example: refused, not summed."""
     model = Volumetric().double()
     (x,) = tuple(t.double() for t in model.example(2))
     patterns = random_patterns(model, (x,)).to(dtype=torch.float64)
-    got = PatternNet(model, patterns).attribute(x, target=1)
-    subs = _substitutes(model, patterns, "relu", False)
-    (ref,) = reference_backward(model, subs, {}, (x,), lambda o: o[:, 1])
-    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(AssertionError, match="Target not provided"):
+        Saliency(model).attribute(x.clone().requires_grad_(), target=1)
+    with pytest.raises(InvalidTargetError, match="leaves 3 values per example"):
+        PatternNet(model, patterns).attribute(x, target=1)
 
 
 def test_additional_forward_args_reach_the_model():
