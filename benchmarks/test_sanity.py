@@ -62,8 +62,8 @@ def _rows(methods: list[str]) -> list[tuple[str, str, str | None]]:
 
 
 def _plot(similarity: dict, layers: list[str], rows: list, path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    colours = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), sharey=True)
+    colours = plt.get_cmap("tab10").colors
     methods = list(dict.fromkeys(m for _, m, _ in rows))
     for ax, protocol in zip(axes, similarity):
         for label, method, patterns in rows:
@@ -74,7 +74,7 @@ def _plot(similarity: dict, layers: list[str], rows: list, path: str) -> None:
                 "--" if patterns == "fixed" else "-",
                 marker="o",
                 ms=3,
-                color=colours[methods.index(method) % len(colours)],
+                color="black" if method == "Random" else colours[methods.index(method) % 10],
                 label=label,
             )
         ax.set_xticks(range(len(layers) + 1))
@@ -84,8 +84,9 @@ def _plot(similarity: dict, layers: list[str], rows: list, path: str) -> None:
         ax.set_xlabel("layer randomised")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Spearman rank corr. of |explanation|")
-    axes[1].legend(fontsize=6, loc="lower left", ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
