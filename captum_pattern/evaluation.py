@@ -245,6 +245,7 @@ class PatternExplainer:
         """The fixed patterns, or those fitted on ``model`` as its weights are now."""
         if self.patterns is not None:
             return self.patterns
+        assert self.fit_data is not None  # one of the two, checked in __init__
         key = _state_key(model)
         if key not in self._fitted:
             self._fitted = {key: PatternFitter(model).fit(self.fit_data)}  # keep the latest only
