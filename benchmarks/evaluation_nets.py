@@ -81,7 +81,7 @@ def explain_any(
     patterns: Patterns | None = None,
     **kwargs: object,
 ) -> np.ndarray:
-    """A Quantus ``explain_func`` for every method of the comparison, channels summed.
+    """A Quantus ``explain_func`` for every method of the comparison, channels summed, float64.
 
     The pattern methods go through :func:`captum_pattern.evaluation.explain` (the
     adapter under test); the others through :data:`captum_pattern.compare.METHODS`,
@@ -94,7 +94,7 @@ def explain_any(
     ours |= {f"{k} (linear)": (v[0], "linear") for k, v in ours.items()}
     if method in ours:
         name, pattern_type = ours[method]
-        return explain(
+        result = explain(
             model,
             inputs,
             targets,
@@ -103,10 +103,14 @@ def explain_any(
             pattern_type=pattern_type,
             **kwargs,
         )
-    x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
-    target = torch.as_tensor(np.asarray(targets)).long()
-    result = METHODS[method].run(model, patterns, x, target).detach()
-    return result.sum(1, keepdim=True).numpy()
+    else:
+        x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
+        target = torch.as_tensor(np.asarray(targets)).long()
+        heat = METHODS[method].run(model, patterns, x, target).detach()
+        result = heat.sum(1, keepdim=True).numpy()
+    # float64: PatternNet's values on the 16-layer VGG-style net (products of pattern norms,
+    # starting from the logit) overflow the float32 squares in Quantus's norms (NaN)
+    return result.astype(np.float64)
 
 
 def predicted(model: nn.Module, x: Tensor) -> Tensor:

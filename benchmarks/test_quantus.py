@@ -95,7 +95,7 @@ def test_region_perturbation_reproduces_patch_degradation(config: Config, result
     y = predicted(net.model, images).numpy()
     rows, data = [], {}
     for method in ALL_METHODS:
-        heat = torch.from_numpy(explain_any(net.model, x, y, method, net.patterns))
+        heat = torch.from_numpy(explain_any(net.model, x, y, method, net.patterns)).float()
         ours = patch_degradation(
             net.model, images, heat, patch_size=net.patch, steps=net.steps, random_baseline=False
         )
