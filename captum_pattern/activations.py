@@ -29,7 +29,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -111,6 +111,7 @@ class SmoothCall:
 
     function: str
     module: str
+    step: int = field(default=0, compare=False)  # its place in the forward pass
 
     def __str__(self) -> str:
         where = f"module {self.module!r}" if self.module else "the model's own forward"
@@ -217,6 +218,22 @@ class ForwardFacts:
     regimes: dict[str, Regimes]
     smooth: list[SmoothCall]
     outputs: list[str]  # layers whose pre-activation the model returns (e.g. the logits)
+    starts: dict[str, int] = field(default_factory=dict)  # module -> step it last started at
+    ends: dict[str, int] = field(default_factory=dict)  # module -> step it last ended at
+
+    def around(self, module: str, inside: bool, before: bool) -> ForwardFacts:
+        """Only the smooth calls before (``before``) or after ``module``; ``inside``
+        counts the module's own calls in.
+
+        The neuron variants explain through what runs before their layer, the
+        layer variants through what runs after it.
+        """
+        start, end = self.starts.get(module, 0), self.ends.get(module, 0)
+        if before:
+            keep = [c for c in self.smooth if c.step <= (end if inside else start)]
+        else:
+            keep = [c for c in self.smooth if c.step > (start if inside else end)]
+        return ForwardFacts(self.regimes, keep, self.outputs, self.starts, self.ends)
 
 
 class _Recorder(TorchFunctionMode):
@@ -227,7 +244,8 @@ class _Recorder(TorchFunctionMode):
         self.watched = watched
         self.stack = stack
         self.readers: dict[str, list[Regimes | None]] = {}
-        self.smooth: dict[tuple[str, str], None] = {}
+        self.smooth: dict[tuple[str, str], int] = {}  # (function, module) -> last step
+        self.step = 0  # calls seen so far: the order of events in the forward pass
 
     def __torch_function__(
         self,
@@ -238,8 +256,9 @@ class _Recorder(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        self.step += 1
         if func in _SMOOTH:
-            self.smooth[(_SMOOTH[func], self.stack[-1] if self.stack else "")] = None
+            self.smooth[(_SMOOTH[func], self.stack[-1] if self.stack else "")] = self.step
         elif name not in _METADATA:
             self._note_reader(func, args, kwargs)
         return func(*args, **kwargs)
@@ -259,13 +278,21 @@ class _Recorder(TorchFunctionMode):
 
 
 @contextmanager
-def _module_stack(model: nn.Module, stack: list[str]) -> Iterator[None]:
+def _module_stack(
+    model: nn.Module,
+    stack: list[str],
+    recorder: _Recorder,
+    starts: dict[str, int],
+    ends: dict[str, int],
+) -> Iterator[None]:
     names = {m: n for n, m in model.named_modules()}
 
     def push(module: nn.Module, args: tuple[Any, ...]) -> None:
+        starts[names[module]] = recorder.step
         stack.append(names[module])
 
     def pop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        ends[names[module]] = recorder.step  # where in the forward pass it ended (last call)
         if stack:
             stack.pop()
 
@@ -305,7 +332,12 @@ def inspect_forward(
         if isinstance(output, Tensor):
             watched[id(output)] = (producers[module], output, output._version)
 
-    with _module_stack(model, stack), module_hooks(dict.fromkeys(producers, watch)):
+    starts: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    with (
+        _module_stack(model, stack, recorder, starts, ends),
+        module_hooks(dict.fromkeys(producers, watch)),
+    ):
         with recorder, torch.no_grad():
             result = run_forward()
     returned = {id(t) for t in _tensors(result)}
@@ -315,8 +347,8 @@ def inspect_forward(
         readers = recorder.readers.get(name, [])
         found = readers[0] if readers and all(r == readers[0] for r in readers) else None
         regimes[name] = found or RELU
-    smooth = [SmoothCall(function, module) for function, module in recorder.smooth]
-    return ForwardFacts(regimes, smooth, outputs)
+    smooth = [SmoothCall(f, m, step) for (f, m), step in recorder.smooth.items()]
+    return ForwardFacts(regimes, smooth, outputs, starts, ends)
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:

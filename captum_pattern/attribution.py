@@ -31,13 +31,16 @@ import torch
 from captum.attr import GradientAttribution, LayerAttribution, NeuronAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backward import substituted_backward
+from .activations import Regimes, check_approximate, check_supported, inspect_forward
+from .backward import Substitute, substituted_backward
 from .canonize import (
+    batchnorm_scale,
+    check_batchnorms,
     explained_layers,
     folded_parameters,
     model_state_guard,
-    warn_outside_method,
 )
 from .errors import (
     InvalidInputError,
@@ -96,6 +99,7 @@ class _SubstitutedGradient:
         rule: SubstitutionRule,
         pattern_type: str,
         start_from: StartFrom,
+        approximate: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -124,8 +128,12 @@ class _SubstitutedGradient:
         self._pattern_cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
         self._substitute_cache: dict[str, tuple[_Key, Tensor]] = {}
         self._warned = False
+        self._warned_zero = False
+        self.approximate = check_approximate(approximate)
+        # what the model runs after each layer, from a probe on the first call
+        self._structure: tuple[Patterns, dict[str, Regimes]] | None = None
         self.patterns()  # fail now, not at the first attribute
-        warn_outside_method(self.inner, method)
+        check_batchnorms(self.inner)
 
     def patterns(self) -> Patterns:
         """The patterns in use, checked again when they or the model's layers changed."""
@@ -143,8 +151,9 @@ class _SubstitutedGradient:
             for lp in patterns.values():
                 lp.pattern(self.pattern_type)  # raises if this type was not fitted
             if patterns is not self._in_use:
-                self._warned = False
+                self._warned = self._warned_zero = False
             self._in_use, self._layers = patterns, layers
+            self._structure = None
             self._pattern_cache.clear()
             self._substitute_cache.clear()
         return patterns
@@ -164,9 +173,13 @@ class _SubstitutedGradient:
             self._pattern_cache[key] = pattern.to(device=like.device, dtype=like.dtype)
         return self._pattern_cache[key]
 
-    def substitutes(self, patterns: Patterns) -> dict[str, Tensor]:
-        """The rule's tensor for each layer, recomputed when the layer's (or its
-        BatchNorm's) tensors changed, also through ``.data``."""
+    def substitutes(self, patterns: Patterns, regimes: dict[str, Regimes]) -> dict[str, Substitute]:
+        """The rule's tensors for each layer, recomputed when the layer's (or its
+        BatchNorm's) tensors changed, also through ``.data``.
+
+        A layer followed by an activation with a sloped lower regime (LeakyReLU,
+        PReLU) gets the rule's tensor of ``a₋`` for that regime too.
+        """
         substitutes = {}
         folds = patterns.folds
         for name, layer in self._layers.items():
@@ -177,10 +190,73 @@ class _SubstitutedGradient:
                 weight, _ = folded_parameters(layer, bn)
                 pattern = self._pattern(patterns, name, weight)
                 self._check_fitted_on(patterns, name, weight, pattern)
-                cached = (key, self.rule.substitute(weight, pattern))
+                substitute = Substitute(self.rule.substitute(weight, pattern))
+                if self.pattern_type == "relu" and regimes[name].negative_slope:
+                    lower = self._lower_pattern(patterns, name, weight, regimes[name])
+                    substitute = Substitute(
+                        substitute.open, self.rule.substitute(weight, lower), regimes[name]
+                    )
+                cached = (key, substitute)
                 self._substitute_cache[name] = cached
             substitutes[name] = cached[1]
         return substitutes
+
+    def _lower_pattern(
+        self, patterns: Patterns, name: str, weight: Tensor, regimes: Regimes
+    ) -> Tensor:
+        """``a₋`` of a layer whose activation has a sloped lower regime."""
+        layer = patterns[name]
+        if layer.a_minus is None:
+            raise PatternMismatchError(
+                f"layer {name!r} is followed by {regimes.activation}, whose regime z ≤ 0 has a "
+                "slope of its own and needs the pattern a₋; fit with PatternFitter(model, "
+                "pattern_types=['relu', 'relu_negative'])"
+            )
+        return layer.a_minus.to(device=weight.device, dtype=weight.dtype)
+
+    def affine_factors(self, patterns: Patterns) -> dict[str, Tensor]:
+        """Per standalone BatchNorm (not folded), the rule's per-channel factor.
+
+        Such a BatchNorm is the linear layer ``z = s·x + t``: its pattern is
+        ``1/s`` (zero where ``s = 0``) unless ``patterns.affine`` gives another.
+        """
+        folded = set(patterns.folds.values())
+        factors = {}
+        for name, module in self.inner.named_modules():
+            if isinstance(module, _BatchNorm) and name not in folded:
+                scale = batchnorm_scale(module)
+                pattern = patterns.affine.get(name)
+                if pattern is None:
+                    pattern = torch.where(scale != 0, 1 / scale.where(scale != 0, 1.0), 0.0)
+                factors[name] = self.rule.substitute(scale, pattern.to(scale))
+        return factors
+
+    def regimes(
+        self, patterns: Patterns, probe: Callable[[], Any], scope: tuple[str, bool, bool] | None
+    ) -> dict[str, Regimes]:
+        """What runs after each layer (from one probe forward, on the first call).
+
+        Refuses functions without linear regimes on the explained path (all of
+        it; with ``scope = (module, inside, before)`` only before or after that
+        module) unless ``approximate`` (or the fit's) allows them, and an
+        activation other than the one the patterns were fitted for.
+        """
+        if self._structure is not None and self._structure[0] is patterns:
+            return self._structure[1]
+        facts = inspect_forward(self.inner, probe, self._layers, patterns.folds)
+        approximate = self.approximate or patterns.settings.get("approximate")
+        checked = facts if scope is None else facts.around(*scope)
+        check_supported(self.inner, checked, approximate, self.method)
+        fitted = _fitted_regimes(patterns)
+        for name, found in facts.regimes.items():
+            if name in fitted and fitted[name] != found:
+                raise PatternMismatchError(
+                    f"{self.method}: layer {name!r} was fitted with {fitted[name].activation} "
+                    f"after it, but the model now runs {found.activation} there; refit the "
+                    "patterns with PatternFitter(model).fit(data)"
+                )
+        self._structure = (patterns, facts.regimes)
+        return facts.regimes
 
     def _check_fitted_on(
         self, patterns: Patterns, name: str, weight: Tensor, pattern: Tensor
@@ -235,8 +311,24 @@ class _SubstitutedGradient:
         _check_inputs(inputs, _weight(next(iter(self._layers.values()))), floating=not to_layer)
         extra = _as_tuple(additional_forward_args)
         with model_state_guard(self.model), torch.enable_grad(), ExitStack() as stack:
+            probe = tuple(x.detach() for x in inputs)
+
+            def probe_forward() -> Any:
+                with forward_errors(InvalidInputError, "", probe):
+                    return self.inner(*probe, *extra)
+
+            scope = None
+            if layers:  # layer variants: what runs after the layer; neuron: before it
+                inside = to_input if to_layer else not to_input  # the layer on the path?
+                scope = (self.module_name(layers[0]), inside, not to_layer)
+            regimes = self.regimes(patterns, probe_forward, scope)
             session = stack.enter_context(
-                substituted_backward(self.inner, self.substitutes(patterns), patterns.folds)
+                substituted_backward(
+                    self.inner,
+                    self.substitutes(patterns, regimes),
+                    patterns.folds,
+                    self.affine_factors(patterns),
+                )
             )
             captures = [
                 (layer, stack.enter_context(_capture_layer(layer, to_input, to_layer)))
@@ -254,6 +346,7 @@ class _SubstitutedGradient:
             wrt = tuple(t for group in groups for t in group)
             grads = torch.autograd.grad(selected, wrt, grad_outputs=seed, allow_unused=True)
         result = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads)]
+        self._warn_if_zero(result, selected)
         if not all(bool(torch.isfinite(r).all()) for r in result):
             raise InvalidInputError(
                 "the explanation overflowed (NaN or Inf) for these inputs: the product of the "
@@ -265,6 +358,27 @@ class _SubstitutedGradient:
             out.append(tuple(result[start : start + len(group)]))
             start += len(group)
         return out
+
+    def _warn_if_zero(self, result: list[Tensor], selected: Tensor) -> None:
+        """Warn once when an example's explanation is all zeros though its output is not."""
+        if self._warned_zero or not result or result[0].dim() == 0:
+            return
+        flat = torch.cat([r.detach().reshape(r.shape[0], -1) for r in result], 1)
+        if selected.numel() % flat.shape[0]:
+            return
+        live = (selected.detach().reshape(flat.shape[0], -1) != 0).any(1)
+        silent = (flat == 0).all(1) & live
+        if bool(silent.any()):
+            self._warned_zero = True
+            warnings.warn(
+                f"{self.method}: the explanation of example {int(silent.nonzero()[0])} is all "
+                "zeros although its selected output is not: a pattern on its path is zero "
+                "(no fitting sample fell in that regime, e.g. a class whose output was never "
+                "positive on the fitting data; see the fit's report or Patterns.summary()). "
+                "Fit on more varied data, or use pattern_type='linear'",
+                UserWarning,
+                stacklevel=6,
+            )
 
     def _single_call(self, layer: nn.Module, calls: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         if len(calls) != 1:
@@ -290,6 +404,32 @@ class _SubstitutedGradient:
                 f"inside one explained layer; use the input of {conv!r} or the output of "
                 f"{layer_name!r} instead"
             )
+
+
+def _fitted_regimes(patterns: Patterns) -> dict[str, Regimes]:
+    """The regimes a fit recorded, by the patterns' layer names (wrapper prefixes removed)."""
+    recorded = patterns.settings.get("activations")
+    if not isinstance(recorded, dict):
+        return {}
+    fitted = {}
+    for key, value in recorded.items():
+        name = next(
+            (
+                key[len(p) :]
+                for p in ("", "module.", "_orig_mod.")
+                if key[len(p) :] in patterns and key.startswith(p)
+            ),
+            None,
+        )
+        if name is not None:
+            try:
+                fitted[name] = Regimes.from_json(value)
+            except ValueError as exc:
+                raise PatternMismatchError(
+                    f"the patterns' record of the activation after layer {name!r} is damaged "
+                    f"({exc}); refit the patterns"
+                ) from exc
+    return fitted
 
 
 def _changed(layers: dict[str, nn.Module], before: dict[str, nn.Module]) -> bool:
@@ -343,6 +483,11 @@ class _PatternGradient(GradientAttribution):
         ``"output"`` (default, as in the paper): the backward pass starts from
         the selected output's value.  ``"one"``: from 1, Captum's gradient
         convention (the result is then divided by ``y`` per example).
+    approximate:
+        ``None`` (default: the fit's choice): refuse a model that runs
+        functions without linear regimes (GELU, sigmoid, LayerNorm, ...).
+        ``"gradient"``: use their ordinary gradient, announced once per call
+        site (``docs/method.md``).
     """
 
     rule: ClassVar[SubstitutionRule]
@@ -353,9 +498,10 @@ class _PatternGradient(GradientAttribution):
         patterns: Patterns | None = None,
         pattern_type: str = "relu",
         start_from: StartFrom = "output",
+        approximate: str | None = None,
     ) -> None:
         self._driver = _SubstitutedGradient(
-            type(self).__name__, model, patterns, self.rule, pattern_type, start_from
+            type(self).__name__, model, patterns, self.rule, pattern_type, start_from, approximate
         )
         GradientAttribution.__init__(self, model)
 
@@ -765,9 +911,10 @@ class _NeuronPatternGradient(NeuronAttribution, GradientAttribution):
         patterns: Patterns | None = None,
         pattern_type: str = "relu",
         start_from: StartFrom = "output",
+        approximate: str | None = None,
     ) -> None:
         self._driver = _SubstitutedGradient(
-            type(self).__name__, model, patterns, self.rule, pattern_type, start_from
+            type(self).__name__, model, patterns, self.rule, pattern_type, start_from, approximate
         )
         self._layer_name = self._driver.module_name(layer)
         NeuronAttribution.__init__(self, model, layer)
@@ -879,9 +1026,10 @@ class _LayerPatternGradient(LayerAttribution, GradientAttribution):
         patterns: Patterns | None = None,
         pattern_type: str = "relu",
         start_from: StartFrom = "output",
+        approximate: str | None = None,
     ) -> None:
         self._driver = _SubstitutedGradient(
-            type(self).__name__, model, patterns, self.rule, pattern_type, start_from
+            type(self).__name__, model, patterns, self.rule, pattern_type, start_from, approximate
         )
         self._layers = layer if isinstance(layer, list) else [layer]
         if not self._layers:

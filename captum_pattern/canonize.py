@@ -141,6 +141,18 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
+def batchnorm_scale(bn: nn.Module) -> Tensor:
+    """``s = γ / sqrt(σ² + ε)`` of a BatchNorm in eval mode (detached): its diagonal weight.
+
+    >>> bn = torch.nn.BatchNorm1d(2).eval()
+    >>> batchnorm_scale(bn)
+    tensor([1.0000, 1.0000])
+    """
+    assert isinstance(bn, _BatchNorm) and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight.detach()
+
+
 def folded_parameters(
     layer: nn.Module, bn: nn.Module | None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor | None]:

@@ -222,6 +222,10 @@ class Patterns(Mapping[str, LayerPatterns]):
         self._layers = dict(layers)
         self.fingerprint = fingerprint
         self.settings = dict(settings or {})
+        #: Patterns of standalone per-channel affine modules (BatchNorms that are not
+        #: folded), by module name; absent ones are ``1/s``, what every estimator gives
+        #: for ``z = s·x + t``.  In memory only (for checks such as weights as patterns).
+        self.affine: dict[str, Tensor] = {}
 
     def __getitem__(self, name: str) -> LayerPatterns:
         try:

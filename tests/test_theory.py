@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from captum.attr import Saliency
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from captum_pattern import PatternFitter, PatternNet
+from captum_pattern import (
+    PatternAttribution,
+    PatternFitter,
+    PatternMismatchError,
+    PatternNet,
+    UnsupportedModelError,
+)
 from captum_pattern.activations import Regimes, inspect_forward
 from captum_pattern.canonize import find_batchnorm_folds
 from captum_pattern.tap import explained_layers
@@ -225,3 +232,156 @@ def test_zero_patterns_are_reported_at_fit_with_the_output_classes():
         patterns = PatternFitter(model).fit([torch.randn(100, 3)])
     assert patterns.settings["outputs"] == ["2"]
     assert patterns["2"].zero["relu"].tolist() == [False, True, False]
+
+
+# ------------------------------------------------------------ explanations
+def _weights_as_patterns(model: nn.Module, patterns) -> None:
+    """Every pattern the weight itself (BatchNorm-folded), standalone BatchNorms their scale."""
+    from captum_pattern.canonize import batchnorm_scale, folded_parameters
+
+    for name in patterns:
+        bn = patterns.folds.get(name)
+        weight, _ = folded_parameters(
+            model.get_submodule(name), model.get_submodule(bn) if bn else None
+        )
+        patterns[name].a_plus = weight.clone()
+        patterns[name].a_minus = weight.clone()
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and name not in patterns.folds.values()
+        ):
+            patterns.affine[name] = batchnorm_scale(module)
+
+
+BLOCKS = {
+    "relu": lambda c: [nn.ReLU()],
+    "relu-inplace": lambda c: [nn.ReLU(inplace=True)],
+    "leaky": lambda c: [nn.LeakyReLU(0.2)],
+    "leaky-inplace": lambda c: [nn.LeakyReLU(0.2, inplace=True)],
+    "prelu": lambda c: [nn.PReLU(c, init=0.3)],
+    "relu6": lambda c: [nn.ReLU6()],
+    "hardtanh": lambda c: [nn.Hardtanh(-1.0, 1.5)],
+    "bn-relu": lambda c: [_bn(c), nn.ReLU()],  # folded
+    "relu-bn": lambda c: [nn.ReLU(), _bn(c)],  # standalone
+    "inplace-relu-bn": lambda c: [nn.ReLU(inplace=True), _bn(c)],  # standalone
+    "leaky-bn-pool": lambda c: [nn.LeakyReLU(0.1), _bn(c), nn.MaxPool2d(2, ceil_mode=True)],
+}
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    blocks=st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_weights_as_patterns_give_the_gradient_through_every_supported_block(blocks, seed):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    channels = 2
+    for block in blocks:
+        layers += [nn.Conv2d(channels, 3, 3, padding=1), *BLOCKS[block](3)]
+        channels = 3
+    model = nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    patterns = PatternFitter(model).fit([torch.randn(16, 2, 6, 6, dtype=torch.float64)])
+    _weights_as_patterns(model, patterns)
+    ours = PatternNet(model, patterns, start_from="one").attribute(x, target=[0, 3, 1])
+    grad = Saliency(model).attribute(x.clone().requires_grad_(), target=[0, 3, 1], abs=False)
+    torch.testing.assert_close(ours, grad, rtol=1e-9, atol=1e-12)
+
+
+def test_leaky_relu_layers_back_project_with_the_pattern_of_each_samples_regime():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(0.2), nn.Linear(5, 2)).double()
+    data = torch.randn(2000, 3, dtype=torch.float64) * 2
+    patterns = PatternFitter(model).fit(data.split(500))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    signal = PatternNet(model, patterns).attribute(x, target=1).numpy()
+    # by hand: y_c · a₂₊[c] through the LeakyReLU's slope, then a₁₊ or a₁₋ per neuron
+    a1p, a1m = patterns["0"].a_plus.numpy(), patterns["0"].a_minus.numpy()
+    a2 = patterns["2"].a_plus.numpy()
+    with torch.no_grad():
+        z1 = model[0](x).numpy()
+        y = model(x)[:, 1].numpy()
+    expected = np.zeros_like(signal)
+    for i in range(len(x)):
+        grad_h = y[i] * a2[1] * np.where(z1[i] > 0, 1.0, 0.2)
+        for j in range(5):
+            expected[i] += grad_h[j] * (a1p[j] if z1[i, j] > 0 else a1m[j])
+    np.testing.assert_allclose(signal, expected, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(a1p, a1m)  # the two regimes' patterns do differ
+
+
+def _merged(model: nn.Sequential, bn_index: int) -> nn.Sequential:
+    """The same function with the BatchNorm at ``bn_index`` merged into the next Linear."""
+    bn, nxt = model[bn_index], model[bn_index + 1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    merged = nn.Linear(nxt.in_features, nxt.out_features).double()
+    with torch.no_grad():
+        merged.weight.copy_(nxt.weight * scale)
+        merged.bias.copy_(nxt.bias + nxt.weight @ shift)
+    parts = list(model)
+    return nn.Sequential(*parts[:bn_index], merged, *parts[bn_index + 2 :]).eval()
+
+
+@pytest.mark.parametrize("where", ["after-relu", "at-the-input"])
+def test_a_standalone_batchnorm_explains_as_if_merged_by_hand(where):
+    torch.manual_seed(4)
+    if where == "after-relu":
+        model = nn.Sequential(
+            nn.Linear(4, 6), nn.ReLU(), _bn(6, 1), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)
+        )
+        bn_index = 2
+    else:
+        model = nn.Sequential(_bn(4, 1), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+        bn_index = 0
+    model = model.double().eval()
+    merged = _merged(model, bn_index)
+    data = [torch.randn(400, 4, dtype=torch.float64) for _ in range(2)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), merged(x))  # the same function
+    p, q = PatternFitter(model).fit(data), PatternFitter(merged).fit(data)
+    for method in (PatternNet, PatternAttribution):
+        ours = method(model, p).attribute(x, target=2)
+        by_hand = method(merged, q).attribute(x, target=2)
+        torch.testing.assert_close(ours, by_hand, rtol=1e-8, atol=1e-10)
+
+
+def test_attribution_refuses_what_the_fit_refuses_unless_approximated():
+    model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+    patterns = PatternFitter(model, approximate="gradient").fit([torch.randn(64, 3)])
+    x = torch.randn(2, 3)
+    # the fit's choice carries over: announced, not refused
+    assert PatternNet(model, patterns).attribute(x, target=0).shape == x.shape
+    patterns.settings.pop("approximate")  # e.g. patterns made by hand
+    with pytest.raises(UnsupportedModelError, match=r"gelu in '1'"):
+        PatternNet(model, patterns).attribute(x, target=0)
+    explained = PatternNet(model, patterns, approximate="gradient").attribute(x, target=0)
+    assert explained.shape == x.shape
+
+
+def test_an_activation_changed_since_the_fit_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    patterns = PatternFitter(model).fit([torch.randn(64, 3)])
+    model[1] = nn.LeakyReLU(0.1)
+    with pytest.raises(PatternMismatchError, match="fitted with relu .* now runs leaky_relu"):
+        PatternNet(model, patterns).attribute(torch.randn(2, 3), target=0)
+
+
+def test_a_class_explained_by_zeros_warns_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].bias[1] = -1e3
+    with pytest.warns(UserWarning, match="outputs 1 are"):
+        patterns = PatternFitter(model).fit([torch.randn(100, 3)])
+    with torch.no_grad():
+        model[2].bias[1] = 0.0  # now class 1 is positive, but its pattern is zero
+    pn = PatternNet(model, patterns)
+    with pytest.warns(UserWarning, match="explanation of example 0 is all zeros") as seen:
+        pn.attribute(torch.randn(2, 3), target=1)
+        pn.attribute(torch.randn(2, 3), target=1)
+    assert len([w for w in seen if "all zeros" in str(w.message)]) == 1
