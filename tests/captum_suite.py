@@ -123,7 +123,11 @@ class NeuronGradient(NeuronPatternNet):
     """Captum's ``NeuronGradient`` as NeuronPatternNet with a = w, started from 1."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, device_ids: Any = None) -> None:
-        super().__init__(model, layer, weight_patterns(model), start_from="one")
+        # Captum's test models end in softmax or sigmoid: with a = w the method is the
+        # gradient everywhere, so approximate='gradient' through them is exact here
+        super().__init__(
+            model, layer, weight_patterns(model), start_from="one", approximate="gradient"
+        )
 
 
 class LayerGradientXActivation(LayerPatternNet):
@@ -138,7 +142,9 @@ class LayerGradientXActivation(LayerPatternNet):
         device_ids: Any = None,
         multiply_by_inputs: bool = True,
     ) -> None:
-        super().__init__(model, layer, weight_patterns(model), start_from="one")
+        super().__init__(  # approximate: exact with a = w (see NeuronGradient)
+            model, layer, weight_patterns(model), start_from="one", approximate="gradient"
+        )
         self._multiply = multiply_by_inputs
         self._activation = LayerActivation(model, layer)
 

@@ -40,6 +40,7 @@ def cnn(data: torch.Tensor) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     split = digits(seed=0)
     model = train_classifier(SmallCNN(), split.x_train[:512], split.y_train[:512], 4, lr=3e-3)
+    model.eval()  # train_classifier hands the model back in the mode it was given
     return model, PatternFitter(model).fit(data.split(64))
 
 

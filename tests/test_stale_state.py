@@ -23,9 +23,13 @@ def _fitted():
 
 
 def _no_warning(run):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return run()
+    """Run without a stale-state warning (a zero-explanation warning is another matter)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = run()
+    stale = [str(w.message) for w in seen if "all zeros" not in str(w.message)]
+    assert stale == []
+    return result
 
 
 def test_patterns_of_another_model_with_the_same_shapes_warn_once():
