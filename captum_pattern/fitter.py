@@ -211,19 +211,33 @@ class PatternFitter:
     def _probe(
         self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]
     ) -> tuple[dict[str, str], ForwardFacts]:
-        """The BatchNorm folds and what runs after each layer, from one probe forward."""
+        """The BatchNorm folds and what runs after each layer, from one probe forward.
+
+        Fold discovery records inside the activation inspection's forward.  That
+        inspection watches the layers' own outputs; where a BatchNorm is folded,
+        the pre-activation is the BatchNorm's output, so a model with folds is
+        inspected once more with them (a second probe forward).
+        """
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
             t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
         )
+        seen: dict[str, Any] = {}
 
         def run() -> Any:
             with forward_errors(InvalidDataError, "batch 0: ", probe):
-                return self.model(*probe, *extra)
+                seen["output"] = self.model(*probe, *extra)
+            return seen["output"]
 
-        folds = find_batchnorm_folds(self.model, run)
-        facts = inspect_forward(self.model, run, self.layers, folds)
+        def run_finding_folds() -> Any:
+            seen["folds"] = find_batchnorm_folds(self.model, run)
+            return seen["output"]
+
+        facts = inspect_forward(self.model, run_finding_folds, self.layers, {})
+        folds: dict[str, str] = seen["folds"]
+        if folds:
+            facts = inspect_forward(self.model, run, self.layers, folds)
         check_supported(self.model, facts, self.approximate, "PatternFitter")
         return folds, facts
 
