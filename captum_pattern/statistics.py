@@ -461,11 +461,12 @@ class PatternStatistics:
         patch_size = max(1, weight[0, 0].numel())
         block = max(1, chunk_bytes // (8 * groups * patch_size))
         # scratch blocks, allocated once: large fresh allocations are page-faulted anew
-        f64 = {"dtype": torch.float64, "device": self.device}
-        size = min(block, per_group)
-        scratch = (groups, size, *patch)
-        w_block = None if weight.dtype == torch.float64 else torch.empty(scratch, **f64)
-        negative = torch.empty(scratch, **f64) if "relu_negative" in results else None
+        scratch = (groups, min(block, per_group), *patch)
+        f64, device = torch.float64, self.device
+        w_block = None if weight.dtype == f64 else torch.empty(scratch, dtype=f64, device=device)
+        negative = None
+        if "relu_negative" in results:
+            negative = torch.empty(scratch, dtype=f64, device=device)
         for start in range(0, per_group, block):
             rows = slice(start, min(per_group, start + block))
             count = rows.stop - rows.start
