@@ -100,7 +100,8 @@ def measure_fit(case: Case, repeats: int = 2) -> dict[str, float]:
 
     ``total``: a fit over all the case's batches (fixed costs included: probe,
     solve, fingerprint).  ``per batch``: the slope between a one-batch and a
-    full fit, i.e. what each further batch costs.
+    full fit, i.e. what each further batch costs.  ``fixed cost``: the rest of
+    a one-batch fit, in plain forward passes of one batch.
     """
     torch.manual_seed(0)
     model = case.make().eval()
@@ -123,6 +124,10 @@ def measure_fit(case: Case, repeats: int = 2) -> dict[str, float]:
         result[f"total fit/forward ({label})"] = full_time / forward_time
         per_batch = (full_time - short_time) / (n - 1)
         result[f"per-batch fit/forward ({label})"] = per_batch / (forward_time / n)
+        # probe, allocation, solve, fingerprint: a fit's cost beyond its batches
+        result[f"fixed cost in forward batches ({label})"] = (short_time - per_batch) / (
+            forward_time / n
+        )
     result["forward s/batch"] = forward_time / n
     return result
 

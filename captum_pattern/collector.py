@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .activations import RELU, Regimes
 from .canonize import folded_parameters
 from .errors import InvalidDataError
-from .layers import KERNELS, LayerGeometry
+from .layers import KERNELS, LayerGeometry, layer_bias
 from .statistics import PatternStatistics
 
 __all__ = ["LayerCollector"]
@@ -71,8 +71,11 @@ class LayerCollector:
             device,
             masked=self.geometry.zero_padded,
         )
-        _, bias = folded_parameters(module, bn, dtype=torch.float64)
-        self.bias64 = bias
+        if bn is None:  # the bias alone: converting the weight would copy it for nothing
+            bias = layer_bias(module)
+            self.bias64 = None if bias is None else bias.detach().to(torch.float64)
+        else:
+            self.bias64 = folded_parameters(module, bn, dtype=torch.float64)[1]
         self.flush_samples = flush_samples
         if method not in ("auto", "autotune", *KERNELS):
             raise ValueError(

@@ -187,13 +187,14 @@ class PatternFitter:
             folds, facts = self._probe(first, runner.extra)
             regimes = facts.regimes
             state = _FitState(self._collectors(folds, regimes))
+            fingerprint = weights_fingerprint(self.model, folds)  # once per fit
             saved = None
             if checkpoint is not None:
                 saved = Checkpoint(
                     checkpoint,
                     checkpoint_every,
                     resume,
-                    self._settings(folds),
+                    self._settings(folds, fingerprint),
                     CHECKPOINT_FORMAT,
                     CHECKPOINT_VERSION,
                 )
@@ -203,7 +204,7 @@ class PatternFitter:
 
             with layer_tap(self.model, self.layers, folds, observe, runner.where) as tap:
                 done = runner.run(data, lambda _: tap.check(), state, saved)
-            patterns = self._patterns(state.collectors, folds, done)
+            patterns = self._patterns(state.collectors, folds, done, fingerprint)
         patterns.settings["outputs"] = facts.outputs
         _report_zeros(patterns, facts.outputs)
         return patterns.attach(self.model)  # PatternNet(model) finds them (a weak link)
@@ -211,19 +212,33 @@ class PatternFitter:
     def _probe(
         self, inputs: tuple[Tensor, ...], extra: tuple[Any, ...]
     ) -> tuple[dict[str, str], ForwardFacts]:
-        """The BatchNorm folds and what runs after each layer, from one probe forward."""
+        """The BatchNorm folds and what runs after each layer, from one probe forward.
+
+        Fold discovery records inside the activation inspection's forward.  That
+        inspection watches the layers' own outputs; where a BatchNorm is folded,
+        the pre-activation is the BatchNorm's output, so a model with folds is
+        inspected once more with them (a second probe forward).
+        """
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
             t.detach().requires_grad_(True) if t.is_floating_point() else t for t in inputs
         )
+        seen: dict[str, Any] = {}
 
         def run() -> Any:
             with forward_errors(InvalidDataError, "batch 0: ", probe):
-                return self.model(*probe, *extra)
+                seen["output"] = self.model(*probe, *extra)
+            return seen["output"]
 
-        folds = find_batchnorm_folds(self.model, run)
-        facts = inspect_forward(self.model, run, self.layers, folds)
+        def run_finding_folds() -> Any:
+            seen["folds"] = find_batchnorm_folds(self.model, run)
+            return seen["output"]
+
+        facts = inspect_forward(self.model, run_finding_folds, self.layers, {})
+        folds: dict[str, str] = seen["folds"]
+        if folds:
+            facts = inspect_forward(self.model, run, self.layers, folds)
         check_supported(self.model, facts, self.approximate, "PatternFitter")
         return folds, facts
 
@@ -246,19 +261,23 @@ class PatternFitter:
             )
         return collectors
 
-    def _settings(self, folds: Mapping[str, str]) -> dict[str, Any]:
+    def _settings(self, folds: Mapping[str, str], fingerprint: str) -> dict[str, Any]:
         """What a checkpoint must share with this fit to be resumed by it."""
         return {
             "pattern_types": list(self.pattern_types),
             "folds": dict(folds),
             "layers": sorted(self.layers),
-            "weights": weights_fingerprint(self.model, folds),
+            "weights": fingerprint,
             "method": self.method,
             "flush_samples": self.flush_samples,
         }
 
     def _patterns(
-        self, collectors: Mapping[str, LayerCollector], folds: Mapping[str, str], batches: int
+        self,
+        collectors: Mapping[str, LayerCollector],
+        folds: Mapping[str, str],
+        batches: int,
+        fingerprint: str,
     ) -> Patterns:
         layers = {}
         for name, c in collectors.items():
@@ -289,7 +308,7 @@ class PatternFitter:
             "world_size": dist.get_world_size() if distributed() else 1,
             "torch": torch.__version__,
         }
-        return Patterns(layers, weights_fingerprint(self.model, folds), settings)
+        return Patterns(layers, fingerprint, settings)
 
 
 def _report_zeros(patterns: Patterns, outputs: Sequence[str]) -> None:

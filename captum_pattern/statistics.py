@@ -411,19 +411,35 @@ class PatternStatistics:
             num.addcmul_(c, mask_sum(key_f, rows) - d * mask_sum(key_g, rows))
             return num
 
-        block = max(1, chunk_bytes // (8 * groups * max(1, weight[0, 0].numel())))
+        def dot(a: Tensor, b: Tensor) -> Tensor:
+            """``Σ a·b`` over the patch, per neuron: one batched product, no temporary."""
+            return torch.einsum("gnd,gnd->gn", a.flatten(2), b.flatten(2))
+
+        patch_size = max(1, weight[0, 0].numel())
+        block = max(1, chunk_bytes // (8 * groups * patch_size))
+        # scratch blocks, allocated once: large fresh allocations are page-faulted anew
+        scratch = (groups, min(block, per_group), *patch)
+        f64, device = torch.float64, self.device
+        w_block = None if weight.dtype == f64 else torch.empty(scratch, dtype=f64, device=device)
+        negative = None
+        if "relu_negative" in results:
+            negative = torch.empty(scratch, dtype=f64, device=device)
         for start in range(0, per_group, block):
             rows = slice(start, min(per_group, start + block))
+            count = rows.stop - rows.start
             numerators: dict[str, Tensor] = {}
             if "gy" in self.sums:
                 numerators["relu"] = numerator("gy", "g", rows)
             if "y" in self.sums:
                 numerators["linear"] = numerator("y", "x", rows)
-                if "relu" in numerators and "relu_negative" in results:
-                    numerators["relu_negative"] = numerators["linear"] - numerators["relu"]
-            w = weight[:, rows].to(torch.float64)
-            dims = tuple(range(2, w.dim()))
-            denominators = {k: (w * num).sum(dims) for k, num in numerators.items()}
+            w = weight[:, rows] if w_block is None else w_block[:, :count].copy_(weight[:, rows])
+            denominators = {k: dot(w, num) for k, num in numerators.items()}
+            if negative is not None:
+                # the closed gate's sums are those of all samples minus the open gate's
+                numerators["relu_negative"] = torch.sub(
+                    numerators["linear"], numerators["relu"], out=negative[:, :count]
+                )
+                denominators["relu_negative"] = denominators["linear"] - denominators["relu"]
             # wᵀN = Σ y·(y − ȳ) in the regime, so Σ y² = wᵀN + ȳ·Σ y there
             my = mean_y.reshape(groups, per_group)[:, rows]
             scales: dict[str, Tensor] = {}
@@ -446,7 +462,8 @@ class PatternStatistics:
                 ok &= (counts[kind] >= min_samples) & torch.isfinite(denom)
                 safe = torch.where(ok, denom, torch.ones_like(denom))
                 expand = (*ok.shape, *[1] * len(patch))
-                pattern = num.div_(safe.reshape(expand)).masked_fill_(~ok.reshape(expand), 0.0)
-                results[kind].reshape(grouped)[:, rows].copy_(pattern)
+                pattern = results[kind].reshape(grouped)[:, rows]
+                pattern.copy_(num.div_(safe.reshape(expand)))
+                pattern[~ok] = 0.0  # only the rows of undefined patterns are written
                 zeros[kind].reshape(groups, per_group)[:, rows].copy_(~ok)
         return {kind: (results[kind], zeros[kind]) for kind in results}
