@@ -167,3 +167,15 @@ def test_a_hanging_rank_stops_the_others_after_the_timeout(folder, tmp_path):
     assert "--timeout 8 s" in err
     assert elapsed > 8  # it did wait for the stuck rank, and then stopped
     assert not out.exists()
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 10, 11, 97])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_the_shards_hold_every_image_once(count, world):
+    from captum_pattern.cli import _Ranks
+
+    files = [Path(f"{i}.png") for i in range(count)]
+    shards = [_Ranks(rank, world).shard(files) for rank in range(world)]
+    assert sorted(p for shard in shards for p in shard) == sorted(files)
+    assert max(map(len, shards)) - min(map(len, shards)) <= (1 if count else 0)
+    assert shards == [_Ranks(rank, world).shard(files) for rank in range(world)]
