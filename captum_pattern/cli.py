@@ -76,6 +76,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(result.summary.read_text(), end="")
     print(f"wrote {result.out_dir.resolve()}")
     print(f"figure: {result.figure.resolve()}")
+    if result.page is not None:
+        print(f"page: {result.page.resolve()}")
     return 0
 
 
@@ -769,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small CNN on scikit-learn's digits, fit patterns, draw a comparison",
         description="Train a small CNN on scikit-learn's bundled digits (no download), fit "
         "its patterns and write a figure comparing PatternNet and PatternAttribution with "
-        "Captum's Saliency, Deconvolution, GuidedBackprop and LRP, plus a text summary.",
+        "Captum's Saliency, Deconvolution, GuidedBackprop and LRP, the signal quality rho "
+        "and patch degradation, a text summary and index.html showing all three.",
     )
     demo.add_argument("--out", default="captum-pattern-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
