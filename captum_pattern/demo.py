@@ -277,7 +277,9 @@ are signals in input space (grey = 0); LRP and PatternAttribution are heat maps
 <h2>2. Quality of the signal estimators, ρ (the paper's Fig. 3)</h2>
 <p>Mean ρ over each layer's neurons (higher is better): patterns and <i>v</i> fitted
 on different data, correlation measured on the second half of the test set,
-8 positions per image in convolutions.</p>
+8 positions per image in convolutions. A value slightly above 1 is a best <i>v</i>
+on one half that correlates slightly negatively with <i>y</i> on the other: no signal
+left in the residual, within sampling noise.</p>
 <table><tr><th>layer</th>{head}</tr>{rho_rows}</table>
 <h2>3. Patch degradation (the paper's Fig. 4)</h2>
 <p>The first {DEGRADATION_STEPS} of 64 patches ({size // 8 or 1}×{size // 8 or 1} pixels)
