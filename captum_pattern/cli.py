@@ -384,6 +384,11 @@ def _prepare_fit(
         _other_world(checkpoint, ranks)
     skip = _checkpoint_batches(mine) if args.resume else 0
     plan, dropped = _fit_plan(args, files, settings_file, skip, ranks.world)
+    if len(plan) < ranks.world:
+        raise _Refused(
+            f"{len(plan)} image(s) for {ranks.world} processes: each needs at least one; "
+            "start fewer processes"
+        )
     shard = ranks.shard(plan)
     if args.on_bad_image == "error":
         try:

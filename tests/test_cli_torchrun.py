@@ -178,3 +178,14 @@ def test_the_shards_hold_every_image_once(count, world):
     assert sorted(p for shard in shards for p in shard) == sorted(files)
     assert max(map(len, shards)) - min(map(len, shards)) <= (1 if count else 0)
     assert shards == [_Ranks(rank, world).shard(files) for rank in range(world)]
+
+
+def test_fewer_images_than_processes_is_refused_by_every_rank(tmp_path):
+    root = tmp_path / "one"
+    root.mkdir()
+    Image.new("RGB", (20, 20), (90, 30, 200)).save(root / "only.png")
+    procs = _two_by_hand(root, tmp_path / "p.safetensors", "20")
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert f"rank {rank} of 2: 1 image(s) for 2 processes" in err
