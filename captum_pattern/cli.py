@@ -10,14 +10,17 @@ See ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
+import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(result.summary.read_text(), end="")
     print(f"wrote {result.out_dir.resolve()}")
     print(f"figure: {result.figure.resolve()}")
+    if result.page is not None:
+        print(f"page: {result.page.resolve()}")
     return 0
 
 
@@ -129,6 +134,127 @@ def _check_headers(files: Sequence[Path]) -> None:
 
 
 # ---------------------------------------------------------------------- fit
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a ``torchrun`` job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, files: Sequence[Path]) -> list[Path]:
+        """Every ``world``-th image from ``rank`` on: each image on exactly one rank, none dropped.
+
+        >>> files = [Path(f"{i}.png") for i in range(5)]
+        >>> [p.name for p in _Ranks(1, 2).shard(files)]
+        ['1.png', '3.png']
+        """
+        return list(files[self.rank :: self.world])
+
+    def file(self, path: Path) -> Path:
+        """This rank's copy of a per-process file (the fitter's ``<checkpoint>.rank<r>``)."""
+        return path if self.world == 1 else path.with_name(f"{path.name}.rank{self.rank}")
+
+    def say(self, text: str) -> None:
+        """Print on rank 0 only (the other ranks would repeat it)."""
+        if self.main:
+            print(text, flush=True)
+
+
+#: the variables ``torchrun`` sets for each process
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[tuple[_Ranks, Any]]:
+    """Join the ``torchrun`` job this process belongs to (if any); yields its ranks and device.
+
+    ``gloo`` on the CPU, ``nccl`` on CUDA with device ``cuda:LOCAL_RANK``;
+    collectives give up after ``--timeout`` seconds.  The group is destroyed
+    on the way out, also after an error.
+    """
+    import torch
+
+    device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield _Ranks(), device
+        return
+    import torch.distributed as dist
+
+    missing = [v for v in _TORCHRUN_VARIABLES if v not in os.environ]
+    if missing:
+        raise _Refused(
+            f"WORLD_SIZE is set but {', '.join(missing)} not: start several processes with "
+            "torchrun --nproc_per_node=N -m captum_pattern fit ..."
+        )
+    if dist.is_initialized():
+        raise _Refused("a torch.distributed process group is already running in this process")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
+    try:
+        yield _Ranks(dist.get_rank(), dist.get_world_size()), device
+    finally:
+        dist.destroy_process_group()
+
+
+def _agree(ranks: _Ranks, device: Any, refusal: _Refused | None) -> None:
+    """Stop every rank when one refused before the work (each rank checks its own shard)."""
+    if ranks.world == 1:
+        if refusal is not None:
+            raise refusal
+        return
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if refusal is None else ranks.rank + 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if refusal is not None:
+        raise _Refused(f"rank {ranks.rank} of {ranks.world}: {refusal}")
+    if int(flag):
+        raise _Refused(
+            f"rank {int(flag) - 1} refused to start (its message says why); so does rank "
+            f"{ranks.rank}"
+        )
+
+
+def _lost_peers(
+    ranks: _Ranks, args: argparse.Namespace, checkpoint: Path, error: BaseException
+) -> _Refused:
+    """What a rank says when a collective fails: another rank died or hangs."""
+    text = str(error).strip()
+    reason = text.splitlines()[0][:200] if text else type(error).__name__
+    return _Refused(
+        f"rank {ranks.rank} of {ranks.world}: the other processes did not all answer (within "
+        f"--timeout {args.timeout:g} s); one of them failed or hangs, its message says why "
+        f"({reason}). The batches done are kept in {checkpoint}.rank<r> (every "
+        "--checkpoint-every batches): fix the cause and continue with the same command and "
+        "--resume"
+    )
+
+
+def _from_collective(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside a ``torch.distributed`` collective.
+
+    gloo reports a lost peer or a timeout as a plain ``RuntimeError``; where it
+    comes from tells it apart from the model's own errors.
+    """
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return any(
+        Path(frame.f_code.co_filename).name == "distributed_c10d.py"
+        for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
+
+
 def _checkpoint_batches(path: Path) -> int:
     """Batches a fitter checkpoint holds (0 when there is none or it is unreadable)."""
     from safetensors import safe_open
@@ -140,8 +266,12 @@ def _checkpoint_batches(path: Path) -> int:
         return 0  # the fitter reports what is wrong with it
 
 
+#: settings that older checkpoints do not record, and the value they had
+_SETTING_DEFAULTS = {"precision": "float32", "world_size": 1}
+
+
 def _fit_plan(
-    args: argparse.Namespace, files: list[Path], settings_file: Path, skip: int
+    args: argparse.Namespace, files: list[Path], settings_file: Path, skip: int, world: int
 ) -> tuple[list[Path], list[int]]:
     """The images of the fit, in batch order, and the batches an earlier run dropped.
 
@@ -155,14 +285,14 @@ def _fit_plan(
         earlier = json.loads(settings_file.read_text())
     except (OSError, ValueError) as exc:
         raise _Refused(f"cannot resume: {settings_file} is damaged ({exc}); start over") from exc
-    settings = _data_settings(args, files)
+    settings = _data_settings(args, files, world)
     keys = [k for k in settings if k != "images"]
-    changed = sorted(k for k in keys if earlier.get(k) != settings[k])
+    changed = sorted(k for k in keys if earlier.get(k, _SETTING_DEFAULTS.get(k)) != settings[k])
     if changed:
         raise _Refused(
             f"cannot resume {settings_file.name[: -len('.json')]}: {', '.join(changed)} changed "
-            "since it was written, so the batches would not be the same; use the same settings, "
-            "or start over without --resume"
+            "since it was written, so the batches would not be the same; use the same settings "
+            "(and the same number of processes), or start over without --resume"
         )
     plan = [Path(p) for p in earlier.get("images", [])]
     known = {str(p) for p in plan}
@@ -181,38 +311,102 @@ def _fit_plan(
     return plan, list(earlier.get("dropped_batches", []))
 
 
-def _fit(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
+def _other_world(checkpoint: Path, ranks: _Ranks) -> None:
+    """Refuse to resume a checkpoint written by another number of processes."""
+    mine = ranks.file(checkpoint)
+    if mine.exists():
+        return
+    if ranks.world == 1 and checkpoint.with_name(f"{checkpoint.name}.rank0").exists():
+        raise _Refused(
+            f"cannot resume: {checkpoint}.rank0 is the checkpoint of a fit on several "
+            "processes; resume it with torchrun and the same --nproc_per_node/--nnodes"
+        )
+    if ranks.world > 1 and checkpoint.exists():
+        raise _Refused(
+            f"cannot resume: {checkpoint} is the checkpoint of a fit on one process; resume it "
+            "without torchrun, or start over without --resume"
+        )
 
-    from .fitter import PatternFitter
-    from .images import ImageFiles, ResumableBatches, UnreadableImageError, image_paths, load_model
+
+def _fit(args: argparse.Namespace) -> int:
+    from .images import UnreadableImageError
 
     out = Path(args.out or f"{_stem(args.model)}.patterns.safetensors")
     checkpoint = Path(args.checkpoint or f"{out}.checkpoint")
-    settings_file = Path(f"{checkpoint}.json")
-    _writable_file(out, "--out")
-    _writable_file(checkpoint, "--checkpoint")
+    with _process_group(args) as (ranks, device):
+        refusal, prepared = None, None
+        try:
+            prepared = _prepare_fit(args, ranks, device, out, checkpoint)
+        except _Refused as exc:
+            refusal = exc
+        except (UnreadableImageError, FileNotFoundError, ValueError, TypeError) as exc:
+            if ranks.world == 1:
+                raise
+            refusal = _Refused(str(exc))
+        try:
+            _agree(ranks, device, refusal)
+        except RuntimeError as exc:  # a rank is gone before the fit
+            if not _from_collective(exc):
+                raise
+            raise _lost_peers(ranks, args, checkpoint, exc) from exc
+        assert prepared is not None
+        return _run_fit(args, ranks, device, out, checkpoint, prepared)
+
+
+@dataclass
+class _PreparedFit:
+    model: Any
+    batches: Any
+    settings: dict[str, Any]
+    settings_file: Path
+    skip: int
+    total: int
+    skipped: list[Path]
+
+
+def _prepare_fit(
+    args: argparse.Namespace, ranks: _Ranks, device: Any, out: Path, checkpoint: Path
+) -> _PreparedFit:
+    """Everything before the long work: checks, the image list and this rank's shard, the model."""
+    import torch
+
+    from .images import ImageFiles, ResumableBatches, UnreadableImageError, image_paths, load_model
+
+    mine = ranks.file(checkpoint)
+    settings_file = Path(f"{mine}.json")
+    if ranks.main:
+        _writable_file(out, "--out")
+    _writable_file(mine, "--checkpoint")
     files = image_paths([args.images])
     if not files:
         raise _Refused(f"no image files under {args.images}")
-    skip = _checkpoint_batches(checkpoint) if args.resume else 0
-    plan, dropped = _fit_plan(args, files, settings_file, skip)
+    if args.resume:
+        _other_world(checkpoint, ranks)
+    skip = _checkpoint_batches(mine) if args.resume else 0
+    plan, dropped = _fit_plan(args, files, settings_file, skip, ranks.world)
+    if len(plan) < ranks.world:
+        raise _Refused(
+            f"{len(plan)} image(s) for {ranks.world} processes: each needs at least one; "
+            "start fewer processes"
+        )
+    shard = ranks.shard(plan)
     if args.on_bad_image == "error":
         try:
-            _check_headers([p for p in plan if p.exists()])
+            _check_headers([p for p in shard if p.exists()])
         except UnreadableImageError as exc:
             raise _Refused(
                 f"{exc}; remove or replace it, or skip unreadable images with --on-bad-image skip"
             ) from exc
-    device = torch.device(args.device)
-    model = load_model(args.model, args.weights, args.num_classes, args.seed).to(device)
+    dtype = getattr(torch, args.precision)
+    model = load_model(args.model, args.weights, args.num_classes, args.seed)
+    model = model.to(device=device, dtype=dtype)
     preprocessing = _preprocessing(args)
-    print(f"images: {preprocessing.describe()}")
-    dataset = ImageFiles(plan, preprocessing, search=False)
-    if not args.resume and checkpoint.exists():
-        print(f"note: starting over; {checkpoint} is from an earlier fit (--resume continues it)")
-    settings = {**_data_settings(args, plan), "dropped_batches": dropped}
+    ranks.say(f"images: {preprocessing.describe()}")
+    if ranks.world > 1:
+        ranks.say(f"{len(plan)} images on {ranks.world} processes, every {ranks.world}th to each")
+    if not args.resume and mine.exists():
+        print(f"note: starting over; {mine} is from an earlier fit (--resume continues it)")
+    settings = {**_data_settings(args, plan, ranks.world), "dropped_batches": dropped}
     settings_file.write_text(json.dumps(settings, indent=1))
     skipped: list[Path] = []
 
@@ -227,7 +421,7 @@ def _fit(args: argparse.Namespace) -> int:
         settings_file.write_text(json.dumps(settings, indent=1))
 
     batches = ResumableBatches(
-        dataset,
+        ImageFiles(shard, preprocessing, search=False),
         args.batch_size,
         args.workers,
         pin_memory=device.type == "cuda",
@@ -236,23 +430,62 @@ def _fit(args: argparse.Namespace) -> int:
         dropped=dropped,
         on_dropped=dropped_batch,
     )
-    n_batches = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
-    total = min(len(dataset), n_batches * args.batch_size)
-    done_images = min(skip * args.batch_size, total)
-    if skip:
-        print(f"resuming after batch {skip} of {n_batches} from {checkpoint}")
+    per_rank = args.batch_size * (args.max_batches or len(plan))
+    total = sum(min(len(plan[r :: ranks.world]), per_rank) for r in range(ranks.world))
+    return _PreparedFit(model, _cast(batches, dtype), settings, settings_file, skip, total, skipped)
+
+
+def _cast(batches: Iterable[Any], dtype: Any) -> Iterable[Any]:
+    """The batches' images in ``dtype`` (float32, as read, needs nothing)."""
+    import torch
+
+    if dtype == torch.float32:
+        return batches
+    return ((images.to(dtype), indices) for images, indices in batches)
+
+
+def _run_fit(
+    args: argparse.Namespace,
+    ranks: _Ranks,
+    device: Any,
+    out: Path,
+    checkpoint: Path,
+    prepared: _PreparedFit,
+) -> int:
+    """The fit itself on this rank's shard; rank 0 writes the merged patterns."""
+    from tqdm.auto import tqdm
+
+    from .fitter import PatternFitter
+    from .images import UnreadableImageError
+
+    if prepared.skip:
+        print(
+            f"{'' if ranks.world == 1 else f'rank {ranks.rank}: '}resuming after batch "
+            f"{prepared.skip} from {ranks.file(checkpoint)}"
+        )
+    # rank 0's bar counts its own images times the number of processes: an estimate of the
+    # total rate that needs no collective while the fit runs (the shards differ by one image)
+    done = min(prepared.skip * args.batch_size * ranks.world, prepared.total)
     bar = tqdm(
-        total=total, initial=done_images, unit="img", desc="fit patterns", disable=args.no_progress
+        total=prepared.total,
+        initial=done,
+        unit="img",
+        desc="fit patterns" + (f" ({ranks.world} processes)" if ranks.world > 1 else ""),
+        disable=args.no_progress or not ranks.main,
     )
+
+    def progress(_: int, size: int) -> None:
+        bar.update(min(size * ranks.world, bar.total - bar.n))
+
     try:
-        patterns = PatternFitter(model, args.pattern_types).fit(
-            batches,
+        patterns = PatternFitter(prepared.model, args.pattern_types).fit(
+            prepared.batches,
             max_batches=args.max_batches,
             device=device,
             checkpoint=checkpoint,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
-            callback=lambda done, size: bar.update(size),
+            callback=progress,
         )
     except KeyboardInterrupt:
         bar.close()
@@ -265,19 +498,37 @@ def _fit(args: argparse.Namespace) -> int:
             f"--resume ({checkpoint} keeps the batches done), or skip such images with "
             "--on-bad-image skip"
         ) from exc
+    except RuntimeError as exc:
+        bar.close()
+        if ranks.world > 1 and _from_collective(exc):
+            raise _lost_peers(ranks, args, checkpoint, exc) from exc
+        raise
     bar.close()
-    patterns.save(out)
-    checkpoint.unlink(missing_ok=True)
-    settings_file.unlink(missing_ok=True)
-    print(patterns.summary())
-    if skipped:
-        names = ", ".join(str(p) for p in skipped[:5])
-        print(f"skipped {len(skipped)} unreadable image(s): {names}", file=sys.stderr)
-    print(f"wrote {out.resolve()}")
+    if ranks.main:
+        patterns.save(out)
+    prepared.settings_file.unlink(missing_ok=True)
+    if ranks.world > 1:
+        _barrier(ranks, args, checkpoint)  # the others wait until the file is written
+    ranks.say(patterns.summary())
+    if prepared.skipped:
+        names = ", ".join(str(p) for p in prepared.skipped[:5])
+        print(f"skipped {len(prepared.skipped)} unreadable image(s): {names}", file=sys.stderr)
+    ranks.say(f"wrote {out.resolve()}")
     return 0
 
 
-def _data_settings(args: argparse.Namespace, files: Sequence[Path]) -> dict[str, Any]:
+def _barrier(ranks: _Ranks, args: argparse.Namespace, checkpoint: Path) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except RuntimeError as exc:
+        raise _lost_peers(ranks, args, checkpoint, exc) from exc
+
+
+def _data_settings(
+    args: argparse.Namespace, files: Sequence[Path], world_size: int
+) -> dict[str, Any]:
     """What decides which images each batch holds (checked when resuming)."""
     return {
         "images": [str(p.resolve()) for p in files],
@@ -289,6 +540,8 @@ def _data_settings(args: argparse.Namespace, files: Sequence[Path]) -> dict[str,
         "weights": args.weights,
         "num_classes": args.num_classes,
         "seed": args.seed,
+        "precision": args.precision,
+        "world_size": world_size,
     }
 
 
@@ -455,6 +708,17 @@ def _count(minimum: int) -> Any:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def _interpolation(text: str) -> str:
     """An argparse type: one of :data:`~captum_pattern.images.INTERPOLATIONS`."""
     from .images import INTERPOLATIONS  # only when the option is given: torchvision is slow
@@ -512,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small CNN on scikit-learn's digits, fit patterns, draw a comparison",
         description="Train a small CNN on scikit-learn's bundled digits (no download), fit "
         "its patterns and write a figure comparing PatternNet and PatternAttribution with "
-        "Captum's Saliency, Deconvolution, GuidedBackprop and LRP, plus a text summary.",
+        "Captum's Saliency, Deconvolution, GuidedBackprop and LRP, the signal quality rho "
+        "and patch degradation, a text summary and index.html showing all three.",
     )
     demo.add_argument("--out", default="captum-pattern-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
@@ -569,6 +834,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="skip",
         help="an image that cannot be read: skip it with a warning naming it (default), or "
         "stop with an error naming it (headers are checked before the fit)",
+    )
+    fit.add_argument(
+        "--precision",
+        choices=["float32", "float64"],
+        default="float32",
+        help="the model's and the images' dtype during the fit (the sums are float64 anyway)",
+    )
+    fit.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=1800.0,
+        help="under torchrun: seconds a process waits for the others (the merge of the sums "
+        "at the end, the start) before it stops with an error; default 1800",
     )
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)

@@ -167,6 +167,7 @@ def test_demo_command_writes_figure_and_summary(tmp_path, capsys):
     assert main([*args, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert f"figure: {(out / 'comparison.png').resolve()}" in printed
+    assert f"page: {(out / 'index.html').resolve()}" in printed
     assert "test accuracy" in printed and "PatternAttribution" in printed
     assert matplotlib.image.imread(out / "comparison.png").ndim == 3
     assert (out / "summary.txt").read_text().startswith("captum-pattern demo")

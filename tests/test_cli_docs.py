@@ -19,7 +19,8 @@ def _commands():
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
                 for i, word in enumerate(words):
-                    if word.endswith("captum-pattern"):
+                    launched = word == "captum_pattern" and words[i - 1] == "-m"  # torchrun
+                    if word.endswith("captum-pattern") or launched:
                         yield pytest.param(
                             words[i + 1 :], id=f"{path.name}:{' '.join(words[i + 1 : i + 3])}"
                         )
