@@ -126,7 +126,7 @@ class _SubstitutedGradient:
         self._in_use: Patterns | None = None
         self._layers: dict[str, nn.Module] = {}
         self._pattern_cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
-        self._substitute_cache: dict[str, tuple[_Key, Tensor]] = {}
+        self._substitute_cache: dict[str, tuple[_Key, Substitute]] = {}
         self._warned = False
         self._warned_zero = False
         self.approximate = check_approximate(approximate)

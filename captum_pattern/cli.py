@@ -763,7 +763,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long: one add_argument per option, flat
     """The argument parser of ``captum-pattern``."""
     parser = argparse.ArgumentParser(
         prog="captum-pattern",

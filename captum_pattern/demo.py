@@ -88,10 +88,10 @@ def run_demo(
         torch.set_num_threads(previous_threads)
 
 
-def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: bool) -> DemoResult:
-    start = time.perf_counter()
-    stages: dict[str, float] = {}
-    out.mkdir(parents=True, exist_ok=True)
+def _train(
+    out: Path, seed: int, epochs: int, size: int, progress: bool
+) -> tuple[Split, SmallCNN, float, Path]:
+    """Train the demo's CNN on digits at ``size`` px; save it."""
     torch.manual_seed(seed)
     data = digits(seed=seed)
     if size != 8:
@@ -110,6 +110,14 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
     test_accuracy = accuracy(model, data.x_test, data.y_test)
     model_path = out / "digits_cnn.pt"
     torch.save(model.state_dict(), model_path)
+    return data, model, test_accuracy, model_path
+
+
+def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: bool) -> DemoResult:
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    data, model, test_accuracy, model_path = _train(out, seed, epochs, size, progress)
     stages["train"] = time.perf_counter() - start
 
     batches = data.x_train.split(256)
@@ -123,28 +131,8 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
     patterns.save(patterns_path)
 
     mark = time.perf_counter()
-    x, labels = _pick_examples(model, data.x_test, data.y_test, n_images)
-    with model_state_guard(model), torch.no_grad():
-        logits = model(x)
-    predicted = logits.argmax(1)
-    confidence = logits.softmax(1).max(1).values
-    explanations = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-        for name in tqdm(DEMO_METHODS, desc="explain", unit="method", disable=not progress):
-            explanations.update(explain(model, x, predicted, patterns, methods=[name]))
+    explanations, figure_path = _explain_examples(out, model, data, patterns, n_images, progress)
     stages["explain"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    titles = [
-        f"true {int(t)} / pred {int(p)} ({float(c):.2f})"
-        for t, p, c in zip(labels, predicted, confidence)
-    ]
-    figure_path = out / "comparison.png"
-    comparison_grid(
-        x, explanations, {n: METHODS[n].group for n in explanations}, titles, figure_path
-    )
-    stages["draw"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     half = len(data.x_test) // 2
@@ -184,6 +172,31 @@ def _run(out: Path, seed: int, epochs: int, n_images: int, size: int, progress: 
         stages,
         page,
     )
+
+
+def _explain_examples(
+    out: Path, model: SmallCNN, data: Split, patterns: Patterns, n_images: int, progress: bool
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """Explain ``n_images`` test digits with every demo method; draw the comparison grid."""
+    x, labels = _pick_examples(model, data.x_test, data.y_test, n_images)
+    with model_state_guard(model), torch.no_grad():
+        logits = model(x)
+    predicted = logits.argmax(1)
+    confidence = logits.softmax(1).max(1).values
+    explanations = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        for name in tqdm(DEMO_METHODS, desc="explain", unit="method", disable=not progress):
+            explanations.update(explain(model, x, predicted, patterns, methods=[name]))
+    titles = [
+        f"true {int(t)} / pred {int(p)} ({float(c):.2f})"
+        for t, p, c in zip(labels, predicted, confidence)
+    ]
+    figure_path = out / "comparison.png"
+    comparison_grid(
+        x, explanations, {n: METHODS[n].group for n in explanations}, titles, figure_path
+    )
+    return explanations, figure_path
 
 
 def _degradation(

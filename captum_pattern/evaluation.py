@@ -141,6 +141,43 @@ def explain(
     ...         patterns=patterns).shape
     (3, 6)
     """
+    x = _checked_call(model, inputs, method, patterns, channel_first, kwargs)
+    assert patterns is not None  # checked above
+    target = _targets(targets, len(x), x.device)
+
+    attribute = _attribute_function(model, method, patterns, pattern_type, start_from, layer)
+    step = batch_size or len(x)
+    parts = []
+    for start in range(0, len(x), step):
+        chunk = x[start : start + step]
+        chunk_target = target
+        if isinstance(target, Tensor) and target.dim() > 0:
+            chunk_target = target[start : start + step]
+        if method.startswith("neuron_"):
+            if neuron_selector is None:
+                raise ValueError(f"method {method!r} needs neuron_selector (Captum's form)")
+            result = attribute(chunk, neuron_selector=neuron_selector)
+        else:
+            result = attribute(chunk, target=chunk_target)
+        if method.startswith("layer_"):
+            result = _to_input_grid(result, chunk, layer)
+        parts.append(result.detach())
+    explanation = torch.cat(parts)
+    axes = tuple(reduce_axes) if x.dim() > 2 else ()
+    if axes:
+        explanation = explanation.sum(dim=axes, keepdim=keepdims)
+    return explanation.cpu().numpy()
+
+
+def _checked_call(
+    model: nn.Module,
+    inputs: np.ndarray | Tensor,
+    method: str,
+    patterns: Patterns | None,
+    channel_first: bool | None,
+    kwargs: dict[str, Any],
+) -> Tensor:
+    """Refuse what :func:`explain` cannot do; the inputs on the model's device and dtype."""
     unknown = sorted(set(kwargs) - _QUANTUS_KEYWORDS)
     if unknown:
         raise TypeError(
@@ -170,30 +207,7 @@ def explain(
         raise InvalidInputError(
             f"inputs must be a non-empty batch (N, C, ...), got shape {tuple(x.shape)}"
         )
-    target = _targets(targets, len(x), device)
-
-    attribute = _attribute_function(model, method, patterns, pattern_type, start_from, layer)
-    step = batch_size or len(x)
-    parts = []
-    for start in range(0, len(x), step):
-        chunk = x[start : start + step]
-        chunk_target = target
-        if isinstance(target, Tensor) and target.dim() > 0:
-            chunk_target = target[start : start + step]
-        if method.startswith("neuron_"):
-            if neuron_selector is None:
-                raise ValueError(f"method {method!r} needs neuron_selector (Captum's form)")
-            result = attribute(chunk, neuron_selector=neuron_selector)
-        else:
-            result = attribute(chunk, target=chunk_target)
-        if method.startswith("layer_"):
-            result = _to_input_grid(result, chunk, layer)
-        parts.append(result.detach())
-    explanation = torch.cat(parts)
-    axes = tuple(reduce_axes) if x.dim() > 2 else ()
-    if axes:
-        explanation = explanation.sum(dim=axes, keepdim=keepdims)
-    return explanation.cpu().numpy()
+    return x
 
 
 class PatternExplainer:

@@ -191,7 +191,7 @@ class Preprocessing:
         """
         if resize is None and crop is not None and self.resize and self.crop:
             resize = round(crop * self.resize / self.crop)
-        changes = {
+        changes: dict[str, Any] = {
             k: v
             for k, v in (("resize", resize), ("crop", crop), ("interpolation", interpolation))
             if v is not None
@@ -493,6 +493,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     PyTorch's ``consume_prefix_in_state_dict_if_present`` when every key has them.
     """
     path = Path(path)
+    state: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -135,24 +135,28 @@ class PatternStatistics:
             raise ValueError(f"{out} neurons cannot form {self.groups} groups")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         patch = self.weight_shape[1:]
-        f64 = {"dtype": torch.float64, "device": self.device}
-        self.n = torch.zeros((), **f64)
+        f64, dev = torch.float64, self.device
+        self.n = torch.zeros((), dtype=f64, device=dev)
         self.sums: dict[str, Tensor] = {}
         for key in self.stats:
             shape = (self.groups, *patch) if key == "x" else self.weight_shape
             # allocated but not written: the first add copies (one pass less)
-            self.sums[key] = torch.empty(shape, **f64)
+            self.sums[key] = torch.empty(shape, dtype=f64, device=dev)
         self._sums_empty = True
-        self.scalars: dict[str, Tensor] = {k: torch.zeros(out, **f64) for k in _SCALARS}
+        self.scalars: dict[str, Tensor] = {
+            k: torch.zeros(out, dtype=f64, device=dev) for k in _SCALARS
+        }
         # mask sums Σ m·f, (O, 1, *kernel); key "x" holds Σ m, (1, 1, *kernel)
         self.masks: dict[str, Tensor] = {}
         if self.masked:
             for key in self.stats:
                 lead = 1 if key == "x" else out
-                self.masks[key] = torch.zeros((lead, 1, *patch[1:]), **f64)
+                self.masks[key] = torch.zeros((lead, 1, *patch[1:]), dtype=f64, device=dev)
         # references: x_ref broadcasts over a group's patch, y_ref is per neuron
-        self.x_ref = torch.zeros((self.groups, patch[0], *[1] * (len(patch) - 1)), **f64)
-        self.y_ref = torch.zeros(out, **f64)
+        self.x_ref = torch.zeros(
+            (self.groups, patch[0], *[1] * (len(patch) - 1)), dtype=f64, device=dev
+        )
+        self.y_ref = torch.zeros(out, dtype=f64, device=dev)
         self.has_reference = False
 
     # ------------------------------------------------------------------ update
@@ -204,6 +208,7 @@ class PatternStatistics:
             for key, value in sums.items():
                 self.sums[key].add_(value.reshape(self.sums[key].shape))
         if self.masked:
+            assert masks is not None  # checked above
             for key, value in masks.items():
                 self.masks[key].add_(value.reshape(self.masks[key].shape))
 
@@ -302,15 +307,16 @@ class PatternStatistics:
                     f"statistics state {key!r} has shape {tuple(value.shape)}, "
                     f"expected {tuple(current.shape)}"
                 )
-        f64 = {"dtype": torch.float64, "device": self.device}
-        self.n = state["n"].to(**f64).clone()
-        self.x_ref = state["x_ref"].to(**f64).clone()
-        self.y_ref = state["y_ref"].to(**f64).clone()
+
+        def f64(key: str) -> Tensor:
+            return state[key].to(device=self.device, dtype=torch.float64).clone()
+
+        self.n, self.x_ref, self.y_ref = f64("n"), f64("x_ref"), f64("y_ref")
         self.has_reference = bool(state["has_reference"].item())
-        self.sums = {k: state[f"sum.{k}"].to(**f64).clone() for k in self.sums}
+        self.sums = {k: f64(f"sum.{k}") for k in self.sums}
         self._sums_empty = False
-        self.scalars = {k: state[f"scalar.{k}"].to(**f64).clone() for k in _SCALARS}
-        self.masks = {k: state[f"mask.{k}"].to(**f64).clone() for k in self.masks}
+        self.scalars = {k: f64(f"scalar.{k}") for k in _SCALARS}
+        self.masks = {k: f64(f"mask.{k}") for k in self.masks}
 
     # --------------------------------------------------------------- solve
     def _per_neuron(self, per_group: Tensor) -> Tensor:
@@ -351,119 +357,153 @@ class PatternStatistics:
         must not be used afterwards.
         """
         self._materialize()
+        kinds = self._solvable(pattern_types)
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
+        if rtol is None:
+            rtol = (64 * torch.finfo(torch.float32).eps) ** 2
+        ctx = _Solve(self, weight, consume, (rtol, empty_rtol, min_samples))
+        results = {
+            kind: torch.empty(self.weight_shape, dtype=out_dtype, device=self.device)
+            for kind in kinds
+        }
+        zeros = {kind: torch.empty(ctx.out, dtype=torch.bool, device=self.device) for kind in kinds}
+        block = max(1, chunk_bytes // (8 * ctx.groups * max(1, ctx.weight[0, 0].numel())))
+        ctx.allocate(block, "relu_negative" in results)
+        for start in range(0, ctx.per_group, block):
+            rows = slice(start, min(ctx.per_group, start + block))
+            numerators, denominators = ctx.terms(rows, "relu_negative" in results)
+            for kind in results:
+                ok = ctx.defined(kind, rows, denominators)
+                safe = torch.where(ok, denominators[kind], torch.ones_like(denominators[kind]))
+                expand = (*ok.shape, *[1] * len(ctx.patch))
+                pattern = results[kind].reshape(ctx.grouped)[:, rows]
+                pattern.copy_(numerators[kind].div_(safe.reshape(expand)))
+                pattern[~ok] = 0.0  # only the rows of undefined patterns are written
+                zeros[kind].reshape(ctx.groups, ctx.per_group)[:, rows].copy_(~ok)
+        return {kind: (results[kind], zeros[kind]) for kind in results}
+
+    def _solvable(self, pattern_types: Iterable[str] | None) -> list[str]:
+        """The pattern types to solve for (default: all the sums allow), checked."""
         if pattern_types is None:
             pattern_types = [t for t, need in STATS_FOR.items() if set(need) <= set(self.sums)]
-        pattern_types = list(pattern_types)
-        for kind in pattern_types:
+        kinds = list(pattern_types)
+        for kind in kinds:
             missing = set(STATS_FOR[kind]) - set(self.sums)
             if missing:
                 raise ValueError(
                     f"pattern type {kind!r} needs the sums {sorted(missing)}, "
                     "which were not collected; fit with this pattern type"
                 )
-        if rtol is None:
-            rtol = (64 * torch.finfo(torch.float32).eps) ** 2
-        if tuple(weight.shape) != self.weight_shape:
-            raise ValueError(f"weight shape {tuple(weight.shape)} != {self.weight_shape}")
-        out, groups = self.num_neurons, self.groups
-        per_group = out // groups
-        patch = self.weight_shape[1:]
-        kernel_ones = (1,) * (len(patch) - 1)
-        # every per-neuron tensor is viewed as (G, O/G, C, *kernel): per-group
-        # tensors broadcast over the neurons of their group, per-neuron scalars
-        # over the patch, so no full-size temporary is made for them
-        grouped = (groups, per_group, *patch)
-        n, sc = self.n, self.scalars
-        delta = sc["s_y"] / torch.clamp(n, min=1.0)  # mean(y) - y_ref
-        mean_y = self.y_ref + delta
+        return kinds
+
+
+class _Solve:
+    """One :meth:`PatternStatistics.solve`: the per-block numerators, denominators and tests.
+
+    Every per-neuron tensor is viewed as ``(G, O/G, C, *kernel)``: per-group
+    tensors broadcast over the neurons of their group, per-neuron scalars over
+    the patch, so no full-size temporary is made for them.
+    """
+
+    def __init__(
+        self,
+        st: PatternStatistics,
+        weight: Tensor,
+        consume: bool,
+        thresholds: tuple[float, float, int],
+    ) -> None:
+        self.st, self.consume = st, consume
+        self.rtol, self.empty_rtol, self.min_samples = thresholds
+        self.out, self.groups = st.num_neurons, st.groups
+        self.per_group = self.out // self.groups
+        self.patch = st.weight_shape[1:]
+        self.grouped = (self.groups, self.per_group, *self.patch)
+        n, sc = st.n, st.scalars
+        self.delta = sc["s_y"] / torch.clamp(n, min=1.0)  # mean(y) - y_ref
+        self.mean_y = st.y_ref + self.delta
         # Σ y over each regime, for the "does the output vary" test
-        sums_y = {
-            "relu": sc["s_gy"] + self.y_ref * sc["n_pos"],
-            "linear": sc["s_y"] + self.y_ref * n,
+        self.sums_y = {
+            "relu": sc["s_gy"] + st.y_ref * sc["n_pos"],
+            "linear": sc["s_y"] + st.y_ref * n,
         }
-        c = self.x_ref.reshape(groups, 1, patch[0], *kernel_ones)
-        weight = weight.detach().to(self.device).reshape(grouped)
-        results = {
-            kind: torch.empty(self.weight_shape, dtype=out_dtype, device=self.device)
-            for kind in pattern_types
-        }
-        zeros = {kind: torch.empty(out, dtype=torch.bool, device=self.device) for kind in results}
+        self.c = st.x_ref.reshape(self.groups, 1, self.patch[0], *(1,) * (len(self.patch) - 1))
+        self.weight = weight.detach().to(st.device).reshape(self.grouped)
+        self.w_block: Tensor | None = None
+        self.negative: Tensor | None = None
 
-        def per_neuron(t: Tensor, rows: slice) -> Tensor:
-            return t.reshape(groups, per_group, *[1] * len(patch))[:, rows]
+    def allocate(self, block: int, negative: bool) -> None:
+        """Scratch blocks, allocated once: large fresh allocations are page-faulted anew."""
+        scratch = (self.groups, min(block, self.per_group), *self.patch)
+        f64, device = torch.float64, self.st.device
+        if self.weight.dtype != f64:
+            self.w_block = torch.empty(scratch, dtype=f64, device=device)
+        if negative:
+            self.negative = torch.empty(scratch, dtype=f64, device=device)
 
-        def mask_sum(key: str, rows: slice) -> Tensor:
-            m = self._mask_sum(key)
-            if m.shape[0] == 1:  # the same for every neuron
-                return m.reshape(1, 1, 1, *m.shape[2:])
-            return m.reshape(groups, per_group, 1, *m.shape[2:])[:, rows]
+    def _per_neuron(self, t: Tensor, rows: slice) -> Tensor:
+        return t.reshape(self.groups, self.per_group, *[1] * len(self.patch))[:, rows]
 
-        def numerator(key_f: str, key_g: str, rows: slice) -> Tensor:
-            """Σ x·(ỹ − δ) over a regime: sums[f] − δ·sums[g] + c·(Σm·f − δ·Σm·g)."""
-            num = self.sums[key_f].reshape(grouped)[:, rows]
-            num = num if consume else num.clone()
-            if key_g == "x":
-                g_view = self.sums["x"].reshape(groups, 1, *patch)
-            else:
-                g_view = self.sums[key_g].reshape(grouped)[:, rows]
-            d = per_neuron(delta, rows)
-            num.addcmul_(d, g_view, value=-1)
-            num.addcmul_(c, mask_sum(key_f, rows) - d * mask_sum(key_g, rows))
-            return num
+    def _mask_sum(self, key: str, rows: slice) -> Tensor:
+        m = self.st._mask_sum(key)
+        if m.shape[0] == 1:  # the same for every neuron
+            return m.reshape(1, 1, 1, *m.shape[2:])
+        return m.reshape(self.groups, self.per_group, 1, *m.shape[2:])[:, rows]
 
-        def dot(a: Tensor, b: Tensor) -> Tensor:
-            """``Σ a·b`` over the patch, per neuron: one batched product, no temporary."""
-            return torch.einsum("gnd,gnd->gn", a.flatten(2), b.flatten(2))
+    def _numerator(self, key_f: str, key_g: str, rows: slice) -> Tensor:
+        """Σ x·(ỹ − δ) over a regime: sums[f] − δ·sums[g] + c·(Σm·f − δ·Σm·g)."""
+        sums = self.st.sums
+        num = sums[key_f].reshape(self.grouped)[:, rows]
+        num = num if self.consume else num.clone()
+        if key_g == "x":
+            g_view = sums["x"].reshape(self.groups, 1, *self.patch)
+        else:
+            g_view = sums[key_g].reshape(self.grouped)[:, rows]
+        d = self._per_neuron(self.delta, rows)
+        num.addcmul_(d, g_view, value=-1)
+        num.addcmul_(self.c, self._mask_sum(key_f, rows) - d * self._mask_sum(key_g, rows))
+        return num
 
-        patch_size = max(1, weight[0, 0].numel())
-        block = max(1, chunk_bytes // (8 * groups * patch_size))
-        # scratch blocks, allocated once: large fresh allocations are page-faulted anew
-        scratch = (groups, min(block, per_group), *patch)
-        f64, device = torch.float64, self.device
-        w_block = None if weight.dtype == f64 else torch.empty(scratch, dtype=f64, device=device)
-        negative = None
-        if "relu_negative" in results:
-            negative = torch.empty(scratch, dtype=f64, device=device)
-        for start in range(0, per_group, block):
-            rows = slice(start, min(per_group, start + block))
-            count = rows.stop - rows.start
-            numerators: dict[str, Tensor] = {}
-            if "gy" in self.sums:
-                numerators["relu"] = numerator("gy", "g", rows)
-            if "y" in self.sums:
-                numerators["linear"] = numerator("y", "x", rows)
-            w = weight[:, rows] if w_block is None else w_block[:, :count].copy_(weight[:, rows])
-            denominators = {k: dot(w, num) for k, num in numerators.items()}
-            if negative is not None:
-                # the closed gate's sums are those of all samples minus the open gate's
-                numerators["relu_negative"] = torch.sub(
-                    numerators["linear"], numerators["relu"], out=negative[:, :count]
-                )
-                denominators["relu_negative"] = denominators["linear"] - denominators["relu"]
+    def terms(self, rows: slice, negative: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Numerators and denominators ``wᵀN`` of the neurons ``rows``, per pattern type."""
+        numerators: dict[str, Tensor] = {}
+        if "gy" in self.st.sums:
+            numerators["relu"] = self._numerator("gy", "g", rows)
+        if "y" in self.st.sums:
+            numerators["linear"] = self._numerator("y", "x", rows)
+        count = rows.stop - rows.start
+        w = self.weight[:, rows]
+        if self.w_block is not None:
+            w = self.w_block[:, :count].copy_(w)
+        denominators = {k: _dot(w, num) for k, num in numerators.items()}
+        if negative:
+            assert self.negative is not None
+            # the closed gate's sums are those of all samples minus the open gate's
+            numerators["relu_negative"] = torch.sub(
+                numerators["linear"], numerators["relu"], out=self.negative[:, :count]
+            )
+            denominators["relu_negative"] = denominators["linear"] - denominators["relu"]
+        return numerators, denominators
+
+    def defined(self, kind: str, rows: slice, denominators: dict[str, Tensor]) -> Tensor:
+        """Which neurons of ``rows`` have a defined pattern of ``kind`` (see ``solve``)."""
+        st = self.st
+        shape = (self.groups, self.per_group)
+        my = self.mean_y.reshape(shape)[:, rows]
+        n_pos = st.scalars["n_pos"].reshape(shape)[:, rows]
+        counts = {"relu": n_pos, "linear": st.n.expand_as(n_pos), "relu_negative": st.n - n_pos}
+        denom = denominators[kind]
+        if kind == "relu_negative":  # a difference of sums: its own Σ y² is one too
+            linear = denominators["linear"]
             # wᵀN = Σ y·(y − ȳ) in the regime, so Σ y² = wᵀN + ȳ·Σ y there
-            my = mean_y.reshape(groups, per_group)[:, rows]
-            scales: dict[str, Tensor] = {}
-            if "relu" in denominators:
-                sy = sums_y["relu"].reshape(groups, per_group)[:, rows]
-                scales["relu"] = denominators["relu"] + my * sy
-            if "linear" in denominators:
-                sy = sums_y["linear"].reshape(groups, per_group)[:, rows]
-                scales["linear"] = denominators["linear"] + my * sy
-            n_pos = sc["n_pos"].reshape(groups, per_group)[:, rows]
-            counts = {"relu": n_pos, "linear": n.expand_as(n_pos), "relu_negative": n - n_pos}
-            for kind in results:
-                num, denom = numerators[kind], denominators[kind]
-                if kind == "relu_negative":  # a difference of sums: its own Σ y² is one too
-                    linear = denominators["linear"]
-                    varies = linear > rtol * scales["linear"]
-                    ok = varies & (denom.abs() > empty_rtol * linear)
-                else:
-                    ok = (denom.abs() > rtol * scales[kind]) & (scales[kind] > 0)
-                ok &= (counts[kind] >= min_samples) & torch.isfinite(denom)
-                safe = torch.where(ok, denom, torch.ones_like(denom))
-                expand = (*ok.shape, *[1] * len(patch))
-                pattern = results[kind].reshape(grouped)[:, rows]
-                pattern.copy_(num.div_(safe.reshape(expand)))
-                pattern[~ok] = 0.0  # only the rows of undefined patterns are written
-                zeros[kind].reshape(groups, per_group)[:, rows].copy_(~ok)
-        return {kind: (results[kind], zeros[kind]) for kind in results}
+            scale = linear + my * self.sums_y["linear"].reshape(shape)[:, rows]
+            ok = (linear > self.rtol * scale) & (denom.abs() > self.empty_rtol * linear)
+        else:
+            scale = denom + my * self.sums_y[kind].reshape(shape)[:, rows]
+            ok = (denom.abs() > self.rtol * scale) & (scale > 0)
+        return ok & (counts[kind] >= self.min_samples) & torch.isfinite(denom)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ a·b`` over the patch, per neuron: one batched product, no temporary."""
+    return torch.einsum("gnd,gnd->gn", a.flatten(2), b.flatten(2))

@@ -327,8 +327,7 @@ def _merged(model: nn.Sequential, bn_index: int) -> nn.Sequential:
     return nn.Sequential(*parts[:bn_index], merged, *parts[bn_index + 2 :]).eval()
 
 
-@pytest.mark.parametrize("where", ["after-relu", "at-the-input"])
-def test_a_standalone_batchnorm_explains_as_if_merged_by_hand(where):
+def _bn_model(where: str, shift: bool) -> tuple[nn.Sequential, int]:
     torch.manual_seed(4)
     if where == "after-relu":
         model = nn.Sequential(
@@ -338,16 +337,49 @@ def test_a_standalone_batchnorm_explains_as_if_merged_by_hand(where):
     else:
         model = nn.Sequential(_bn(4, 1), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
         bn_index = 0
-    model = model.double().eval()
+    if not shift:  # z = s·x: running mean and bias zero
+        with torch.no_grad():
+            model[bn_index].running_mean.zero_()
+            model[bn_index].bias.zero_()
+    return model.double().eval(), bn_index
+
+
+@pytest.mark.parametrize(
+    ("where", "pattern_type", "shift"),
+    [
+        ("after-relu", "linear", True),
+        ("at-the-input", "linear", True),
+        ("after-relu", "relu", False),
+        ("at-the-input", "relu", False),
+    ],
+)
+def test_a_standalone_batchnorm_explains_as_if_merged_by_hand(where, pattern_type, shift):
+    """Exact for S_a at every place; for S_a+- when the BatchNorm has no shift (below)."""
+    model, bn_index = _bn_model(where, shift)
     merged = _merged(model, bn_index)
-    data = [torch.randn(400, 4, dtype=torch.float64) for _ in range(2)]
+    data = [torch.randn(400, 4, dtype=torch.float64) * 2 for _ in range(2)]
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(model(x), merged(x))  # the same function
     p, q = PatternFitter(model).fit(data), PatternFitter(merged).fit(data)
+    target = int(p["5" if where == "after-relu" else "3"].positive_fraction.argmax())
     for method in (PatternNet, PatternAttribution):
-        ours = method(model, p).attribute(x, target=2)
-        by_hand = method(merged, q).attribute(x, target=2)
+        ours = method(model, p, pattern_type=pattern_type).attribute(x, target=target)
+        by_hand = method(merged, q, pattern_type=pattern_type).attribute(x, target=target)
+        assert ours.abs().sum() > 0
         torch.testing.assert_close(ours, by_hand, rtol=1e-8, atol=1e-10)
+
+
+def test_a_shift_before_a_layer_changes_its_two_component_pattern():
+    """The paper's S_a+- uses E[y] over all samples: a shift t of the layer's input adds
+    t·(E₊[y] − P₊·E[y]) to the numerator, so merging a shifted BatchNorm by hand changes
+    a₊ (S_a, a covariance, does not change: see the test above)."""
+    model, bn_index = _bn_model("at-the-input", shift=True)
+    merged = _merged(model, bn_index)
+    data = [torch.randn(400, 4, dtype=torch.float64) * 2]
+    p, q = PatternFitter(model).fit(data), PatternFitter(merged).fit(data)
+    scale = (model[0].weight / torch.sqrt(model[0].running_var + model[0].eps)).detach()
+    torch.testing.assert_close(p["1"].a_linear, q["0"].a_linear * scale)
+    assert not torch.allclose(p["1"].a_plus, q["0"].a_plus * scale, rtol=1e-3)
 
 
 def test_attribution_refuses_what_the_fit_refuses_unless_approximated():
@@ -381,7 +413,7 @@ def test_a_class_explained_by_zeros_warns_once():
     with torch.no_grad():
         model[2].bias[1] = 0.0  # now class 1 is positive, but its pattern is zero
     pn = PatternNet(model, patterns)
-    with pytest.warns(UserWarning, match="explanation of example 0 is all zeros") as seen:
+    with pytest.warns(UserWarning, match=r"explanation of example \d is all zeros") as seen:
         pn.attribute(torch.randn(2, 3), target=1)
         pn.attribute(torch.randn(2, 3), target=1)
     assert len([w for w in seen if "all zeros" in str(w.message)]) == 1
