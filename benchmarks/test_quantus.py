@@ -141,6 +141,7 @@ def test_region_perturbation_reproduces_patch_degradation(config: Config, result
     )
 
 
+@pytest.mark.slow  # minutes on 2 cores; the VGG-style rows were not rerun after a float64 fix
 def test_quantus_metrics_table(config: Config, results):
     nets = {name: trained_net(config, name) for name in NET_NAMES}
     sizes = {"digits CNN": 24, "VGG-style": 8}

@@ -835,7 +835,9 @@ def select_neuron(layer_tensors: tuple[Tensor, ...], selector: NeuronSelector) -
     for dim, i in enumerate(index, start=1):
         if not isinstance(i, slice):
             _check_index(int(i), shape[dim], f"neuron {selector!r}", shape)
-    selected = tensor[(slice(None), *(i if isinstance(i, slice) else int(i) for i in index))]
+    where: list[slice | int] = [slice(None)]
+    where += [i if isinstance(i, slice) else int(i) for i in index]
+    selected = tensor[tuple(where)]
     if any(isinstance(i, slice) for i in index):
         return selected
     return _one_per_example(selected, f"neuron_selector {selector!r}", shape)
