@@ -36,7 +36,7 @@ from .canonize import (
 from .collector import LayerCollector
 from .errors import InvalidDataError, UnsupportedModelError, forward_errors
 from .layers import layer_weight
-from .patterns import LayerPatterns, Patterns, weights_fingerprint
+from .patterns import LayerPatterns, Patterns, unwrap_model, weights_fingerprint
 from .runner import Checkpoint, Precision, StreamRunner, batch_inputs, distributed
 from .statistics import PATTERN_TYPES, required_stats
 from .tap import explained_layers, layer_tap
@@ -114,14 +114,18 @@ class PatternFitter:
             raise ValueError(
                 f"pattern_types is empty; ask for at least one of {sorted(PATTERN_TYPES)}"
             )
-        self.model = model
-        self.layers = explained_layers(model)
+        # DataParallel, DistributedDataParallel, torch.compile: the fit runs the module
+        # inside (one device, the batches as given; hooks do not work under compile and
+        # DataParallel's replicas would run them in other threads); names are the
+        # inner module's, which patterns of either form use (Patterns.for_model)
+        self.model = unwrap_model(model)
+        self.layers = explained_layers(self.model)
         if not self.layers:
             raise UnsupportedModelError(
-                f"{type(model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer, so it "
-                "has nothing to learn patterns for"
+                f"{type(self.model).__name__} has no nn.Linear or nn.Conv1d/2d/3d layer, so "
+                "it has nothing to learn patterns for"
             )
-        check_batchnorms(model)
+        check_batchnorms(self.model)
 
     def fit(
         self,

@@ -336,17 +336,9 @@ def _compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, backend="eager")
 
 
-def _fit_on_compiled(model: nn.Module) -> nn.Module:
-    pytest.xfail(
-        "PatternFitter(torch.compile(model)) fails inside dynamo (the fitter's hooks under "
-        "compile); the fitter should run the unwrapped module, as the methods do "
-        "(fitter.py belongs to the runner restructure, issue 10)"
-    )
-
-
 WRAPPERS = {
     "dataparallel": (nn.DataParallel, nn.DataParallel),
-    "compile": (_compiled, _fit_on_compiled),
+    "compile": (_compiled, _compiled),  # the fitter runs the module inside the wrapper
 }
 
 
