@@ -110,6 +110,7 @@ def save_atomically(
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata))
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -169,6 +170,17 @@ def _wrapper_prefix(names: Iterable[str], wanted: Iterable[str]) -> str:
 
 def _strip(name: str, prefix: str) -> str:
     return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the common 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def weights_fingerprint(model: nn.Module, folds: Mapping[str, str]) -> str:
@@ -460,6 +472,7 @@ class Patterns(Mapping[str, LayerPatterns]):
                     f"{path}: layer {name!r} is incomplete in the file ({exc!r}); "
                     "the file is corrupted"
                 ) from exc
+            _check_dtypes(path, name, lp)
             for kind in lp.pattern_types:
                 value = lp.pattern(kind)
                 if tuple(value.shape) != shape:
@@ -475,16 +488,41 @@ class Patterns(Mapping[str, LayerPatterns]):
             if not lp.pattern_types:
                 raise PatternFileError(f"{path}: layer {name!r} has no pattern in the file")
             layers[name] = lp
-        try:
-            settings = json.loads(metadata.get("settings", "{}"))
-        except json.JSONDecodeError as exc:
-            raise PatternFileError(f"{path}: metadata 'settings' is not JSON") from exc
-        loaded = cls(layers, metadata.get("fingerprint") or None, settings)
+        loaded = cls(layers, metadata.get("fingerprint") or None, _parse_settings(path, metadata))
         if model is None:
             return loaded
         loaded = loaded.for_model(model)
         loaded.validate(model, check_fingerprint=True)
         return loaded.attach(model)
+
+
+def _parse_settings(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The fit settings stored in a file's metadata (a JSON object), or a clear error."""
+    try:
+        settings = json.loads(metadata.get("settings", "{}"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise PatternFileError(f"{path}: metadata 'settings' is not JSON") from exc
+    if not isinstance(settings, dict):
+        raise PatternFileError(f"{path}: metadata 'settings' is not a JSON object")
+    return settings
+
+
+def _check_dtypes(path: Path, name: str, lp: LayerPatterns) -> None:
+    """Patterns and fractions are real floating point, zero masks bool; else damaged."""
+    tensors = {f"pattern {kind!r}": lp.pattern(kind) for kind in lp.pattern_types}
+    tensors["positive_fraction"] = lp.positive_fraction
+    for what, value in tensors.items():
+        if not value.is_floating_point():
+            raise PatternFileError(
+                f"{path}: layer {name!r} {what} is stored as {value.dtype}, not a real "
+                "floating-point tensor; the file is corrupted or was not written by captum-pattern"
+            )
+    for kind, mask in lp.zero.items():
+        if mask.dtype != torch.bool:
+            raise PatternFileError(
+                f"{path}: layer {name!r} zero mask {kind!r} is stored as {mask.dtype}, not "
+                "bool; the file is corrupted"
+            )
 
 
 # Patterns attached to models (Patterns.attach); weak keys, so a model is not kept alive.

@@ -173,3 +173,48 @@ def test_attribution_validates_structure():
     other = nn.Sequential(nn.Conv2d(3, 8, 3))
     with pytest.raises(PatternMismatchError):
         PatternNet(other, patterns)
+
+
+# ------------------------------------------------------------ damaged and shared files
+def _saved(tmp_path):
+    from safetensors import safe_open
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    path = tmp_path / "p.safetensors"
+    PatternFitter(model).fit([torch.randn(64, 3)]).save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    return model, path, tensors, metadata
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.int64])
+def test_pattern_tensors_of_other_dtypes_are_refused(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    model, path, tensors, metadata = _saved(tmp_path)
+    tensors["0/a_plus"] = tensors["0/a_plus"].to(dtype)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(PatternFileError, match=r"layer '0' pattern 'relu' is stored as torch\.\w+"):
+        Patterns.load(path)
+
+
+@pytest.mark.parametrize("settings", ["[" * 100000, "[1, 2]", "{not json"])
+def test_damaged_settings_are_a_pattern_file_error(tmp_path, settings):
+    from safetensors.torch import save_file
+
+    model, path, tensors, metadata = _saved(tmp_path)
+    save_file(tensors, str(path), metadata={**metadata, "settings": settings})
+    with pytest.raises(PatternFileError, match="metadata 'settings'"):
+        Patterns.load(path)
+
+
+def test_pattern_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _, path, _, _ = _saved(tmp_path)
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as open() makes it
+    finally:
+        os.umask(old)
