@@ -467,7 +467,7 @@ class Patterns(Mapping[str, LayerPatterns]):
                     folded_batchnorm=meta.get("folded_batchnorm"),
                 )
                 shape = tuple(int(s) for s in meta["weight_shape"])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise PatternFileError(
                     f"{path}: layer {name!r} is incomplete in the file ({exc!r}); "
                     "the file is corrupted"
@@ -556,8 +556,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
         raise PatternFileError(f"{path}: unknown format version {version}")
     try:
         layers = json.loads(metadata["layers"])
-        if not isinstance(layers, dict):
-            raise TypeError("layers is not a mapping")
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise TypeError("layers is not a mapping of layer records")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError: ValueError
         raise PatternFileError(f"{path}: metadata 'layers' is missing or invalid") from exc
     return layers

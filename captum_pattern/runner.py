@@ -49,14 +49,24 @@ def batch_inputs(batch: Any, index: int) -> tuple[Tensor, ...]:
     >>> batch_inputs((torch.ones(2, 3), torch.tensor([0, 1])), 0)[0].shape
     torch.Size([2, 3])
     """
+    inputs: tuple[Tensor, ...] | None = None
     if isinstance(batch, Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
+        inputs = (batch,)
+    elif isinstance(batch, (tuple, list)) and batch:
         first = batch[0]
         if isinstance(first, Tensor):
-            return (first,)
-        if isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) for t in first):
-            return tuple(first)
+            inputs = (first,)
+        elif (
+            isinstance(first, (tuple, list)) and first and all(isinstance(t, Tensor) for t in first)
+        ):
+            inputs = tuple(first)
+    if inputs is not None:
+        if any(t.dim() > 0 and t.shape[0] == 0 for t in inputs):
+            raise InvalidDataError(
+                f"batch {index} is empty (0 examples); leave empty batches out of the data "
+                "(an empty dataset or split, or a sampler that yields nothing)"
+            )
+        return inputs
     raise InvalidDataError(
         f"batch {index} is a {type(batch).__name__}; expected a tensor or a tuple/list "
         "whose first item is the input tensor (or a tuple of input tensors)"
@@ -202,6 +212,12 @@ class Checkpoint:
                     "since it was written); resume with the same model and settings, or "
                     "delete the checkpoint to start over"
                 )
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise PatternFileError(
+                f"{path}: the checkpoint's {bad[0]!r} holds NaN or Inf (the file is damaged); "
+                "delete it to start over"
+            )
         try:
             state.load_state_dict(tensors)
         except ValueError as exc:

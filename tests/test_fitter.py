@@ -254,3 +254,32 @@ def test_reduced_precision_forward_costs_little_accuracy(dtype, bound):
             errors.append(float((a - b).norm() / a.norm()))
     assert max(errors) < bound
     assert min(errors) > 1e-7  # the forward really ran in reduced precision
+
+
+def test_an_empty_batch_is_named_not_blamed_on_the_model():
+    from captum_pattern import InvalidDataError
+
+    model = _mlp()
+    with pytest.raises(InvalidDataError, match=r"batch 1 is empty \(0 examples\)"):
+        PatternFitter(model).fit([torch.randn(4, 5).double(), torch.randn(0, 5).double()])
+
+
+def test_a_checkpoint_with_non_finite_sums_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from captum_pattern import PatternFileError
+
+    model = _mlp()
+    batches = [torch.randn(4, 5, dtype=torch.float64) for _ in range(4)]
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        PatternFitter(model).fit(_interrupted(batches, 3), checkpoint=ckpt, checkpoint_every=1)
+    with safe_open(str(ckpt), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    key = next(k for k in tensors if "sum." in k)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(ckpt), metadata=metadata)
+    with pytest.raises(PatternFileError, match="holds NaN or Inf"):
+        PatternFitter(model).fit(batches, checkpoint=ckpt, resume=True)

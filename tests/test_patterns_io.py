@@ -218,3 +218,15 @@ def test_pattern_files_follow_the_umask(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as open() makes it
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    ["[" * 100000, '{"0": {"n_samples": 1e400, "weight_shape": [4, 3]}}', '{"0": 5}', '"x"'],
+    ids=["deep", "overflow", "not-a-record", "not-a-mapping"],
+)
+def test_damaged_layer_metadata_is_a_pattern_file_error(tmp_path, layers):
+    model, path, tensors, metadata = _saved(tmp_path)
+    save_file(tensors, str(path), metadata={**metadata, "layers": layers})
+    with pytest.raises(PatternFileError):
+        Patterns.load(path, model=model)
