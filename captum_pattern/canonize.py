@@ -35,7 +35,6 @@ __all__ = [
     "folded_parameters",
     "model_lock",
     "model_state_guard",
-    "warn_outside_method",
 ]
 
 
@@ -236,8 +235,3 @@ def check_batchnorms(model: nn.Module) -> None:
                 "the explanation of one example would depend on the rest of the batch; "
                 "use running statistics"
             )
-
-
-def warn_outside_method(model: nn.Module, what: str) -> None:
-    """Kept for the attribution classes until they inspect the forward pass themselves."""
-    check_batchnorms(model)
