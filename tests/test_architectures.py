@@ -18,9 +18,10 @@ import torch
 import torchvision.models as tvm
 from captum.attr import Saliency
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from captum_pattern import PatternFitter, PatternNet, UnsupportedModelError
-from captum_pattern.canonize import folded_parameters
+from captum_pattern.canonize import batchnorm_scale, folded_parameters
 
 
 @dataclass(frozen=True)
@@ -165,12 +166,15 @@ def test_every_family_is_fitted_as_the_table_says_or_refused_naming_why(name):
     patterns = PatternFitter(model, ["relu"]).fit([x])
     found = {r["activation"] for r in patterns.settings["activations"].values()}
     assert found == case.activations
-    weights = patterns  # the weights themselves as patterns, below
+    weights = patterns  # the weights themselves as patterns; standalone BatchNorms their scale
     for layer_name in weights:
         bn = patterns.folds.get(layer_name)
         layer = model.get_submodule(layer_name)
         weight, _ = folded_parameters(layer, model.get_submodule(bn) if bn else None)
         weights[layer_name].a_plus = weight.clone()
+    for module_name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module_name not in patterns.folds.values():
+            weights.affine[module_name] = batchnorm_scale(module)
     ours = PatternNet(model, weights, start_from="one").attribute(x, target=[3, 7])
     grad = Saliency(model).attribute(x.clone().requires_grad_(), target=[3, 7], abs=False)
     torch.testing.assert_close(ours, grad, rtol=1e-8, atol=1e-10)
