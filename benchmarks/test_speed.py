@@ -260,7 +260,8 @@ def test_speed_fit_ratios(folder: Path) -> None:
     rows = {case.name: measure_fit(case) for case in CASES}
     _write(folder, "speed_fit", rows)
     for row in rows.values():
-        assert all(v > 0 for v in row.values())
+        # the fixed cost is a difference of two timings: noise can make it <= 0
+        assert all(v > 0 for k, v in row.items() if not k.startswith("fixed cost"))
 
 
 def test_speed_attribute_ratios(folder: Path) -> None:
