@@ -19,6 +19,7 @@ from .attribution import (
 from .errors import (
     InvalidDataError,
     InvalidInputError,
+    ModelChangedError,
     PatternError,
     PatternFileError,
     PatternMismatchError,
@@ -35,6 +36,7 @@ __all__ = [
     "LayerPatternAttribution",
     "LayerPatternNet",
     "LayerPatterns",
+    "ModelChangedError",
     "NeuronPatternAttribution",
     "NeuronPatternNet",
     "PatternAttribution",

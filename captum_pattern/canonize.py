@@ -14,7 +14,10 @@ folded weights are computed on the fly and never written into the model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import UnsupportedModelError
+from .errors import ModelChangedError, UnsupportedModelError, caller_stacklevel
 from .layers import layer_bias, layer_weight
 from .tap import check_batchnorm, explained_layers, module_hooks
 
@@ -35,6 +38,7 @@ __all__ = [
     "folded_parameters",
     "model_lock",
     "model_state_guard",
+    "reads_training_mode",
 ]
 
 
@@ -187,24 +191,103 @@ def folded_parameters(
 
 @contextmanager
 def model_state_guard(model: nn.Module) -> Iterator[None]:
-    """Hold ``model``'s lock and put it in eval mode for the block; restore after.
+    """Hold ``model``'s lock and run the block with the model in eval mode.
 
-    Every module's training mode and every parameter's ``requires_grad`` flag
-    are restored on the way out, also on an exception (``KeyboardInterrupt``
-    included).  The lock (re-entrant, one per model) serialises captum-pattern
-    calls on the same model from several threads: each gets a correct result.
+    A model already in eval mode is not touched at all: other threads using it
+    meanwhile see nothing.  Modules in training mode whose computation depends
+    on it (BatchNorm, dropout, and any class outside ``torch.nn``, which may
+    read ``self.training``) are switched to eval mode for the block, with a
+    warning (once per model) that other threads see the switch, and switched
+    back after, also on an exception (``KeyboardInterrupt`` included), unless
+    something else put them back in training mode meanwhile.  A module put in
+    training mode during the block (another thread's ``model.train()``) is
+    left as it is and, when the block ends normally, the result mixed two
+    modes: :class:`~captum_pattern.errors.ModelChangedError`.  Parameters'
+    ``requires_grad`` flags are never touched.  The lock (re-entrant, one per
+    model) serialises captum-pattern calls on the same model from several
+    threads: each gets a correct result.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    >>> with model_state_guard(net.eval()):
+    ...     net[1].training
+    False
     """
     with model_lock(model):
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        switched = [m for m in model.modules() if m.training and reads_training_mode(m)]
+        if switched:
+            _warn_switching(model, switched)
+            for module in switched:
+                module.training = False
+        finished = False
         try:
-            model.eval()
             yield
+            finished = True
         finally:
-            for module, mode in modes:
-                module.training = mode
-            for param, flag in flags:
-                param.requires_grad_(flag)
+            changed = [n for n, m in model.named_modules() if m.training and reads_training_mode(m)]
+            for module in switched:
+                module.training = True
+        if finished and changed:
+            raise ModelChangedError(
+                f"the model was switched to training mode while captum-pattern was running on it "
+                f"(modules {_names(changed)}), probably by another thread: the result would mix "
+                "training and eval mode and is discarded; keep the model in eval mode while it is "
+                "explained or fitted, or give captum-pattern its own copy (copy.deepcopy(model))"
+            )
+
+
+def reads_training_mode(module: nn.Module) -> bool:
+    """Whether ``module``'s own computation may depend on its training flag.
+
+    ``torch.nn``'s own classes are read once (does their source mention
+    ``self.training`` outside ``nn.Module``?): BatchNorm and dropout do, Conv2d,
+    ReLU and Sequential do not.  Any other class may.
+
+    >>> reads_training_mode(nn.Dropout()), reads_training_mode(nn.Conv2d(1, 1, 1))
+    (True, False)
+    """
+    return _class_reads_training(type(module))
+
+
+@functools.cache
+def _class_reads_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        if not klass.__module__.startswith("torch.nn."):
+            return True
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return True
+        if "self.training" in source:
+            return True
+    return False
+
+
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_switching(model: nn.Module, switched: list[nn.Module]) -> None:
+    if model in _WARNED:
+        return
+    _WARNED.add(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    warnings.warn(
+        f"captum-pattern: the model is in training mode (modules "
+        f"{_names([names[id(m)] or '<model>' for m in switched])}); it is explained and "
+        "fitted in eval mode (running BatchNorm statistics, no dropout), so these modules are "
+        "switched to eval mode during each call and back after, and another thread using the "
+        "model meanwhile sees eval mode; call model.eval() first to leave the model untouched, "
+        "or give captum-pattern its own copy (copy.deepcopy(model).eval()) if another thread "
+        "trains it",
+        UserWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()

@@ -7,6 +7,9 @@ subclasses also derive from the built-in type a caller would expect
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +18,7 @@ __all__ = [
     "InvalidDataError",
     "InvalidInputError",
     "InvalidTargetError",
+    "ModelChangedError",
     "PatternError",
     "PatternFileError",
     "PatternMismatchError",
@@ -46,6 +50,12 @@ class InvalidDataError(PatternError, ValueError):
     (empty, or a batch with NaN or Inf values)."""
 
 
+class ModelChangedError(PatternError, RuntimeError):
+    """The model changed while a captum-pattern call was running on it
+    (e.g. another thread switched it to training mode), so the result would
+    mix two models."""
+
+
 class InvalidInputError(PatternError, ValueError):
     """The inputs or targets given to ``attribute`` do not fit the model."""
 
@@ -75,3 +85,25 @@ def forward_errors(error: type[PatternError], where: str, inputs: Sequence[Any])
             f"{where}the model's forward pass failed on inputs of shape {shapes}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside the package.
+
+    For ``warnings.warn(..., stacklevel=caller_stacklevel())`` called directly
+    in a function of the package (context managers' frames are skipped too).
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    skipped = (
+        package + os.sep,
+        os.path.join(os.path.dirname(contextlib.__file__), "contextlib"),
+        os.path.join("captum", "log", ""),  # Captum's logging decorator on attribute
+    )
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _skipped(frame.f_code.co_filename, skipped):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _skipped(filename: str, prefixes: tuple[str, ...]) -> bool:
+    return filename.startswith(prefixes[:2]) or prefixes[2] in filename

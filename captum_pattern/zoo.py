@@ -7,13 +7,14 @@ method runs on them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .canonize import model_state_guard
+from .canonize import model_lock, model_state_guard
 
 __all__ = [
     "PHOTO_REGIONS",
@@ -158,18 +159,15 @@ def train_classifier(
     in training mode trains with its modules' own modes (a BatchNorm frozen
     with ``.eval()`` stays frozen); a model given in eval mode trains with
     every module in training mode.  Afterwards, also when training raises,
-    every module's mode and every ``requires_grad`` flag are as they were
+    every module's mode is as it was
     (call ``.eval()`` before using the model for inference).  Returns the model.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     modes = [(module, module.training) for module in model.modules()]
-    with model_state_guard(model):
-        if modes[0][1]:
-            for module, mode in modes:
-                module.training = mode
-        else:
+    with model_lock(model), _restoring(modes):
+        if not modes[0][1]:
             model.train()
         for epoch in range(epochs):
             order = torch.randperm(len(x), generator=generator)
@@ -184,6 +182,15 @@ def train_classifier(
             if on_epoch is not None:
                 on_epoch(epoch, total / len(x))
     return model
+
+
+@contextmanager
+def _restoring(modes: list[tuple[nn.Module, bool]]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def upsample(split: Split, size: int) -> Split:

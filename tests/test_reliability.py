@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from torch import nn
 from captum_pattern import (
     InvalidDataError,
     InvalidInputError,
+    ModelChangedError,
     PatternAttribution,
     PatternFitter,
     PatternNet,
     Patterns,
     UnsupportedModelError,
 )
+from captum_pattern.canonize import reads_training_mode
 from models import (
     Residual,
     SequentialCNN,
@@ -374,3 +377,74 @@ def test_other_threads_forward_passes_are_not_affected_by_our_hooks():
         stop.set()
         thread.join()
     assert seen and all(torch.equal(g, plain) for g in seen)
+
+
+class _Gate(nn.Module):
+    """Lets another thread act once while the model is in the middle of a forward pass."""
+
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.act, self.armed = act, False
+
+    def forward(self, x):
+        if self.armed:
+            self.armed = False
+            thread = threading.Thread(target=self.act)
+            thread.start()
+            thread.join()
+        return x
+
+
+def test_a_model_in_eval_mode_is_not_touched_while_another_thread_uses_it():
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(), nn.Linear(6, 3))
+    model.insert(1, _Gate(lambda: seen.append([m.training for m in model.modules()])))
+    model.eval()
+    x = torch.randn(5, 4)
+    patterns = random_patterns(model, (x,))
+    model[1].armed = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing is switched
+        PatternNet(model, patterns).attribute(x, target=0)
+    assert seen == [[False] * 6]
+    assert not any(m.training for m in model.modules())
+
+
+def test_another_threads_switch_to_training_mode_is_kept_and_the_mixed_result_refused():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(), nn.Linear(6, 3))
+    model.insert(1, _Gate(lambda: model.train()))
+    model.eval()
+    x = torch.randn(5, 4)
+    patterns = random_patterns(model, (x,))
+    model[1].armed = True
+    with pytest.raises(ModelChangedError, match=r"training mode .*'1', '3'.*another thread"):
+        PatternAttribution(model, patterns).attribute(x, target=0)
+    assert all(m.training for m in model.modules())  # the other thread's train() stands
+    model.eval()
+    assert torch.isfinite(PatternAttribution(model, patterns).attribute(x, target=0)).all()
+
+
+def test_a_model_in_training_mode_is_explained_in_eval_mode_with_one_warning():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.9), nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    patterns = random_patterns(model.eval(), (x,))
+    expected = PatternNet(model, patterns).attribute(x, target=1)
+    model.train()
+    with pytest.warns(UserWarning, match=r"training mode \(modules '2'\).*model\.eval\(\)"):
+        first = PatternNet(model, patterns).attribute(x, target=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        second = PatternNet(model, patterns).attribute(x, target=1)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert all(m.training for m in model.modules())
+
+
+def test_modes_depend_on_the_class_reading_its_training_flag():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    plain = [nn.Conv2d(1, 1, 1), nn.Linear(1, 1), nn.ReLU(), nn.Sequential(), nn.MaxPool2d(2)]
+    dependent = [nn.BatchNorm2d(1), nn.Dropout(), nn.InstanceNorm2d(1), nn.LSTM(1, 1), Custom()]
+    assert [reads_training_mode(m) for m in plain] == [False] * len(plain)
+    assert [reads_training_mode(m) for m in dependent] == [True] * len(dependent)
