@@ -14,7 +14,6 @@ folded weights are computed on the fly and never written into the model.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import threading
 import warnings
@@ -245,10 +244,16 @@ def reads_training_mode(module: nn.Module) -> bool:
     >>> reads_training_mode(nn.Dropout()), reads_training_mode(nn.Conv2d(1, 1, 1))
     (True, False)
     """
-    return _class_reads_training(type(module))
+    cls = type(module)
+    known = _READS_TRAINING.get(cls)
+    if known is None:
+        known = _READS_TRAINING[cls] = _class_reads_training(cls)
+    return known
 
 
-@functools.cache
+_READS_TRAINING: dict[type, bool] = {}
+
+
 def _class_reads_training(cls: type) -> bool:
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
