@@ -131,7 +131,7 @@ class _SubstitutedGradient:
         self._warned_zero = False
         self.approximate = check_approximate(approximate)
         # what the model runs after each layer, from a probe on the first call
-        self._structure: tuple[Patterns, dict[str, Regimes]] | None = None
+        self._structure: tuple[Patterns, tuple[Any, ...], dict[str, Regimes]] | None = None
         self.patterns()  # fail now, not at the first attribute
         check_batchnorms(self.inner)
 
@@ -241,8 +241,13 @@ class _SubstitutedGradient:
         module) unless ``approximate`` (or the fit's) allows them, and an
         activation other than the one the patterns were fitted for.
         """
-        if self._structure is not None and self._structure[0] is patterns:
-            return self._structure[1]
+        key = _module_structure(self.inner)
+        if (
+            self._structure is not None
+            and self._structure[0] is patterns
+            and self._structure[1] == key
+        ):
+            return self._structure[2]
         facts = inspect_forward(self.inner, probe, self._layers, patterns.folds)
         approximate = self.approximate or patterns.settings.get("approximate")
         checked = facts if scope is None else facts.around(*scope)
@@ -255,7 +260,7 @@ class _SubstitutedGradient:
                     f"after it, but the model now runs {found.activation} there; refit the "
                     "patterns with PatternFitter(model).fit(data)"
                 )
-        self._structure = (patterns, facts.regimes)
+        self._structure = (patterns, key, facts.regimes)
         return facts.regimes
 
     def _check_fitted_on(
@@ -435,6 +440,21 @@ def _fitted_regimes(patterns: Patterns) -> dict[str, Regimes]:
 def _changed(layers: dict[str, nn.Module], before: dict[str, nn.Module]) -> bool:
     """Whether a layer was added, removed or replaced by another module."""
     return layers.keys() != before.keys() or any(m is not before[n] for n, m in layers.items())
+
+
+def _module_structure(model: nn.Module) -> tuple[Any, ...]:
+    """What identifies the modules the model runs: a replaced or reconfigured one changes it.
+
+    Each module's object and class, and for leaves without parameters (the
+    activations) their settings, so that a ReLU swapped for another function
+    after the first call is inspected again (a few microseconds per module).
+    """
+    key: list[Any] = []
+    for module in model.modules():
+        key.append(module)
+        if not module._modules and not module._parameters:
+            key.append(module.extra_repr())
+    return tuple(key)
 
 
 def _leaf(x: Tensor, requires_grad: bool) -> Tensor:

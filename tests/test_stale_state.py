@@ -91,3 +91,19 @@ def test_a_replaced_layer_is_picked_up_or_refused():
     model[11] = nn.Linear(32, 7)
     with pytest.raises(PatternMismatchError, match="layer '11'"):
         method.attribute(x, target=3)
+
+
+def test_an_activation_replaced_after_the_first_call_is_seen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    patterns = PatternFitter(model).fit([torch.randn(64, 3)])
+    pn, x = PatternNet(model, patterns), torch.randn(2, 3)
+    pn.attribute(x, target=0)  # the regimes are found on this first call
+    model[1] = nn.LeakyReLU(0.1)
+    with pytest.raises(PatternMismatchError, match="fitted with relu .* now runs leaky_relu"):
+        pn.attribute(x, target=0)
+    model[1] = nn.Hardtanh(0.0, 1.0)  # another regime set: refused as well
+    with pytest.raises(PatternMismatchError, match="now runs hardtanh"):
+        pn.attribute(x, target=0)
+    model[1] = nn.ReLU()  # a new ReLU object: the fitted function again
+    assert torch.equal(pn.attribute(x, target=0), PatternNet(model, patterns).attribute(x, 0))
