@@ -9,6 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from cli_helpers import read_normally, stop_reading_at
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -94,26 +95,13 @@ def test_fit_max_batches(folder, tmp_path):
 def test_interrupted_fit_resumes_without_rereading_done_batches(folder, tmp_path, monkeypatch):
     out = tmp_path / "p.safetensors"
     checkpoint = tmp_path / "fit.ckpt"
-    original = ImageFiles.__getitem__
     read: list[int] = []
-
-    def interrupt_at_batch_2(self, index):
-        if index >= 8:
-            raise KeyboardInterrupt
-        read.append(index)
-        return original(self, index)
-
-    monkeypatch.setattr(ImageFiles, "__getitem__", interrupt_at_batch_2)
+    stop_reading_at(monkeypatch, 8, read)  # in batch 2
     args = _fit_args(folder, out, "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
     assert main(args) == 130
     assert checkpoint.exists() and not out.exists()
-
-    def count_reads(self, index):
-        read.append(index)
-        return original(self, index)
-
     read.clear()
-    monkeypatch.setattr(ImageFiles, "__getitem__", count_reads)
+    stop_reading_at(monkeypatch, 10**9, read)  # count the reads of the resumed fit
     assert main([*args, "--resume"]) == 0
     # the first batch (read to find the model's structure) and the batches not done yet
     assert sorted(read) == [0, 1, 2, 3, 8, 9]
@@ -202,17 +190,10 @@ def test_console_script_end_to_end(folder, fitted, tmp_path):
 def test_resume_refuses_other_batches(folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.safetensors"
     checkpoint = tmp_path / "fit.ckpt"
-    original = ImageFiles.__getitem__
-
-    def interrupt_at_batch_2(self, index):
-        if index >= 8:
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(ImageFiles, "__getitem__", interrupt_at_batch_2)
+    stop_reading_at(monkeypatch, 8)  # in batch 2
     args = _fit_args(folder, out, "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
     assert main(args) == 130
-    monkeypatch.setattr(ImageFiles, "__getitem__", original)
+    read_normally(monkeypatch)
     assert main([*args, "--resume", "--batch-size", "2"]) == 2
     assert "batch_size changed" in capsys.readouterr().err
     assert not out.exists() and checkpoint.exists()

@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from cli_helpers import write_images
 from PIL import Image
 
 from captum_pattern import Patterns
@@ -29,13 +29,7 @@ KINDS = ("relu", "relu_negative", "linear")
 @pytest.fixture
 def folder(tmp_path):
     """Eleven images (an odd count: the two shards differ by one), sizes varying."""
-    rng = np.random.default_rng(2)
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(11):
-        pixels = rng.integers(0, 256, (36 + i, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i:02d}.png")
-    return root
+    return write_images(tmp_path / "images", 11, seed=2, digits=2)
 
 
 def _args(folder, out, *extra):

@@ -6,9 +6,9 @@ Each test is one case of docs/reliability.md's "Long work" table.
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from cli_helpers import read_normally, stop_reading_at, write_images
 from PIL import Image
 
 from captum_pattern import InvalidInputError, PatternFitter, Patterns
@@ -23,13 +23,7 @@ MODEL = "cli_models:tiny_resnet"
 @pytest.fixture
 def folder(tmp_path):
     """Ten RGB images in a flat folder, 0.png .. 9.png."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "images"
-    root.mkdir()
-    for i in range(10):
-        pixels = rng.integers(0, 256, (36 + i, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i}.png")
-    return root
+    return write_images(tmp_path / "images", 10, seed=1)
 
 
 def _truncate(path):
@@ -120,17 +114,10 @@ def test_on_bad_image_error_during_the_fit_keeps_the_checkpoint_and_resume_conti
 
 def test_resume_tolerates_images_removed_since(folder, tmp_path, monkeypatch, capsys):
     out, checkpoint = tmp_path / "p.safetensors", tmp_path / "fit.ckpt"
-    original = ImageFiles.__getitem__
-
-    def interrupt_at_batch_2(self, index):
-        if index >= 8:
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(ImageFiles, "__getitem__", interrupt_at_batch_2)
+    stop_reading_at(monkeypatch, 8)  # in batch 2
     args = _fit(folder, out, "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
     assert main(args) == 130
-    monkeypatch.setattr(ImageFiles, "__getitem__", original)
+    read_normally(monkeypatch)
     files = [folder / f"{i}.png" for i in range(10)]
     expected = _reference([files[0:4], files[4:8], files[8:9]])
     (folder / "2.png").unlink()  # already counted in the checkpoint
@@ -167,18 +154,11 @@ def test_an_all_bad_batch_is_dropped_and_a_resume_finds_the_right_batch(
     for i in range(4, 8):  # the whole second batch
         _truncate(folder / f"{i}.png")
     out, checkpoint = tmp_path / "p.safetensors", tmp_path / "fit.ckpt"
-    original = ImageFiles.__getitem__
-
-    def interrupt_at_last_batch(self, index):
-        if index >= 8:
-            raise KeyboardInterrupt
-        return original(self, index)
-
-    monkeypatch.setattr(ImageFiles, "__getitem__", interrupt_at_last_batch)
+    stop_reading_at(monkeypatch, 8)  # in the last batch
     args = _fit(folder, out, "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
     with pytest.warns(UserWarning):
         assert main(args) == 130
-    monkeypatch.setattr(ImageFiles, "__getitem__", original)
+    read_normally(monkeypatch)
     assert main([*args, "--resume"]) == 0  # one batch done, then the dropped one: go on at 8
     files = [folder / f"{i}.png" for i in range(10)]
     _same(Patterns.load(out), _reference([files[0:4], files[8:10]]))
