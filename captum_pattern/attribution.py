@@ -674,6 +674,10 @@ def _check_inputs(inputs: tuple[Any, ...], weight: Tensor, floating: bool = True
             )
         if x.dim() == 0:
             raise InvalidInputError(f"input {i} is a scalar; inputs need a batch dimension")
+        if x.shape[0] == 0:
+            raise InvalidInputError(
+                f"input {i} has no example (shape {tuple(x.shape)}): there is nothing to explain"
+            )
         if x.device != weight.device:
             raise InvalidInputError(
                 f"input {i} is on {x.device} but the model is on {weight.device}; move the "

@@ -91,6 +91,8 @@ def test_inputs_of_the_wrong_shape_dtype_or_device(cnn):
         pn.attribute(torch.tensor(1.0), target=0)
     with pytest.raises(InvalidInputError, match="NaN or Inf"):
         pn.attribute(x.clone().fill_(float("nan")), target=0)
+    with pytest.raises(InvalidInputError, match=r"no example \(shape \(0, 2, 12, 12\)\)"):
+        pn.attribute(x[:0], target=0)  # Captum's own methods end in an IndexError here
 
 
 @pytest.mark.parametrize(
