@@ -223,6 +223,7 @@ class PatternFitter:
         the pre-activation is the BatchNorm's output, so a model with folds is
         inspected once more with them (a second probe forward).
         """
+        batch = inputs  # named in errors: the probe's one sample is not what the user gave
         if not extra:  # one sample is enough to see the structure
             inputs = tuple(t[:1] for t in inputs)
         probe = tuple(
@@ -231,7 +232,7 @@ class PatternFitter:
         seen: dict[str, Any] = {}
 
         def run() -> Any:
-            with forward_errors(InvalidDataError, "batch 0: ", probe):
+            with forward_errors(InvalidDataError, "batch 0: ", batch):
                 seen["output"] = self.model(*probe, *extra)
             return seen["output"]
 

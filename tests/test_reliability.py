@@ -65,7 +65,7 @@ def test_a_failing_forward_names_the_batch_and_the_shapes():
     model = nn.Sequential(nn.Linear(3, 2))
     with pytest.raises(InvalidDataError, match=r"batch 1: the model's forward.*\(4, 5\)"):
         PatternFitter(model).fit([torch.randn(4, 3), torch.randn(4, 5)])
-    with pytest.raises(InvalidDataError, match=r"batch 0: the model's forward.*\(1, 5\)"):
+    with pytest.raises(InvalidDataError, match=r"batch 0: the model's forward.*\(4, 5\)"):
         PatternFitter(model).fit([torch.randn(4, 5)])
 
 
