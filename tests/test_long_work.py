@@ -256,6 +256,22 @@ def test_patch_degradation_refuses_impossible_sizes(kwargs, match):
         patch_degradation(_classifier(), images, images, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "heat,match",
+    [
+        (lambda h: h.index_fill(0, torch.tensor([1]), float("nan")), r"image\(s\) \[1\] hold NaN"),
+        (lambda h: h.index_fill(0, torch.tensor([0]), float("inf")), r"image\(s\) \[0\] hold NaN"),
+        (lambda h: h[:1], r"attributions of shape \(1, 1, 8, 8\) do not match"),
+        (lambda h: h.to(torch.complex64), "give real values"),
+    ],
+    ids=["nan", "inf", "one-image", "complex"],
+)
+def test_patch_degradation_refuses_attributions_without_an_order(heat, match):
+    images = torch.rand(2, 1, 8, 8)
+    with pytest.raises(InvalidInputError, match=match):
+        patch_degradation(_classifier(), images, heat(images.clone()), patch_size=2, steps=3)
+
+
 def test_patch_degradation_defaults_scale_with_the_image():
     images = torch.rand(2, 1, 8, 8)
     result = patch_degradation(_classifier(), images, images)

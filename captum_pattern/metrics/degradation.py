@@ -179,9 +179,18 @@ def patch_degradation(
             first = logits.softmax(1).gather(1, predicted[:, None])[:, 0]
         heat = _attributions(attributions, images, predicted).detach().to(images.device)
         if heat.shape[0] != images.shape[0] or heat.shape[-2:] != images.shape[-2:]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"attributions of shape {tuple(heat.shape)} do not match images of shape "
                 f"{tuple(images.shape)}"
+            )
+        if heat.is_complex():
+            raise InvalidInputError(f"attributions have dtype {heat.dtype}; give real values")
+        finite = torch.isfinite(heat).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[:, 0].tolist()
+            raise InvalidInputError(
+                f"the attributions of image(s) {bad[:10]} hold NaN or Inf: their patches have "
+                "no order; explain those images in float64, or leave them out"
             )
         n, _, h, w = images.shape
         scores = patch_scores(heat.float(), patch_size)
