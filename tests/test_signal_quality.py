@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from captum_pattern import PatternFitter
+from captum_pattern import InvalidDataError, PatternFitter
 from captum_pattern.datasets import linear_toy
 from captum_pattern.metrics import ESTIMATORS, estimator_patterns, rho_means, signal_quality
 from reference import layer_samples
@@ -153,6 +153,26 @@ def test_unknown_estimator_and_layer_are_refused():
         signal_quality(model, patterns, [torch.randn(9, 3)], [torch.randn(9, 3)], ["gradient"])
     with pytest.raises(ValueError, match="no Linear/Conv layer"):
         signal_quality(model, patterns, [torch.randn(9, 3)], [torch.randn(9, 3)], layers=["x"])
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True], ids=["zero", "negative", "float", "bool"])
+def test_impossible_position_counts_are_refused_before_any_work(bad):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    patterns = PatternFitter(model).fit([torch.randn(8, 1, 6, 6)])
+    x = [torch.randn(4, 1, 6, 6)]
+    with pytest.raises(ValueError, match=r"max_positions must be a whole number >= 1"):
+        signal_quality(model, patterns, x, x, max_positions=bad)
+
+
+@pytest.mark.parametrize("where", ["v_data", "eval_data"])
+def test_nan_in_either_pass_names_the_pass_batch_and_layer(where):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    patterns = PatternFitter(model).fit([torch.randn(64, 3)])
+    good = [torch.randn(16, 3), torch.randn(16, 3)]
+    bad = [good[0], torch.full((16, 3), float("nan"))]
+    data = {"v_data": good, "eval_data": good} | {where: bad}
+    with pytest.raises(InvalidDataError, match=rf"\({where}\), batch 1: layer '0' receives NaN"):
+        signal_quality(model, patterns, data["v_data"], data["eval_data"])
 
 
 def test_result_reports_time_and_the_ridge_used():

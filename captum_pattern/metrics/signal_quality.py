@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..canonize import folded_parameters, model_state_guard
+from ..errors import InvalidDataError
 from ..layers import LayerGeometry, layer_weight
 from ..patterns import LayerPatterns, Patterns
 from ..runner import StreamRunner
@@ -568,13 +569,30 @@ def _run_pass(
     observers: Mapping[str, Callable[[Tensor, Tensor], None]],
     what: str,
 ) -> int:
-    """Run the model over ``data``, feeding each layer's ``(x, z)`` to its observer."""
+    """Run the model over ``data``, feeding each layer's ``(x, z)`` to its observer.
+
+    A NaN or Inf in a layer's input reaches its output ``z``: each batch's
+    outputs are summed per layer on the device and checked once per batch.
+    """
+    sums: dict[str, Tensor] = {}
 
     def observe(name: str, x: Tensor, z: Tensor) -> None:
+        total = z.detach().sum()
+        sums[name] = total if name not in sums else sums[name] + total
         observers[name](x.detach(), z.detach())
 
+    def after_batch(done: int) -> None:
+        tap.check()
+        if sums and not bool(torch.isfinite(torch.stack(list(sums.values()))).all()):
+            bad = next(n for n, t in sums.items() if not bool(torch.isfinite(t)))
+            raise InvalidDataError(
+                f"{what}, batch {done - 1}: layer {bad!r} receives NaN or Inf (from the data, "
+                "or an overflow in the model); clean or rescale the data"
+            )
+        sums.clear()
+
     with layer_tap(runner.model, list(observers), folds, observe, runner.where) as tap:
-        return runner.run(data, lambda _: tap.check(), what=what)
+        return runner.run(data, after_batch, what=what)
 
 
 def signal_quality(
@@ -633,6 +651,13 @@ def signal_quality(
     >>> sorted(rho), sorted(rho["0"]), rho["0"]["linear"].shape
     (['0', '2'], ['filter', 'linear', 'random', 'two_component'], torch.Size([4]))
     """
+    if max_positions is not None and (
+        isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1
+    ):
+        raise ValueError(
+            f"max_positions must be a whole number >= 1 (or None: every position), "
+            f"got {max_positions!r}"
+        )
     estimators = tuple(dict.fromkeys(estimators))
     for e in estimators:
         if e not in ESTIMATORS:
