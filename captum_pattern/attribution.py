@@ -312,10 +312,13 @@ class _SubstitutedGradient:
                 "backward pass is possible; call it outside that block (inside torch.no_grad() "
                 "is fine: the method turns gradients on for itself)"
             )
-        patterns = self.patterns()
-        _check_inputs(inputs, _weight(next(iter(self._layers.values()))), floating=not to_layer)
         extra = _as_tuple(additional_forward_args)
+        # inside the model's lock: another thread using this object waits, so the caches
+        # patterns() refreshes are not changed under a running call
         with model_state_guard(self.model), torch.enable_grad(), ExitStack() as stack:
+            patterns = self.patterns()
+            weight = _weight(next(iter(self._layers.values())))
+            _check_inputs(inputs, weight, floating=not to_layer)
             probe = tuple(x.detach() for x in inputs)
 
             def probe_forward() -> Any:
