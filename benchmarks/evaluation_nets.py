@@ -2,9 +2,12 @@
 
 The digits CNN and the VGG-style net of ``test_paper_figures.py`` (same data,
 seeds and protocol: patterns from the first half of the training data, scores
-on test images), trained once per process and reused by both benchmark files.
-Outside ``--large`` both train for half the epochs there and the VGG-style net
-on 1000 images, to keep these benchmarks within a few minutes on 2 cores.
+on test images), trained once per process and reused by the fast Quantus and
+sanity-check benchmarks.  Outside ``--large`` both train for half the epochs
+there and the VGG-style net on 1000 images, to keep these benchmarks within a
+few minutes on 2 cores.  The slow Quantus metrics table
+(``test_quantus_metrics_table``) scores the page's own networks instead
+(``suite.paper_setups``).
 """
 
 from __future__ import annotations
