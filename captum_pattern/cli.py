@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import FIGURE_METHODS
+from .errors import PatternError
 
 __all__ = ["build_parser", "main", "method_name"]
 
@@ -100,15 +101,29 @@ def _writable_file(path: Path, what: str) -> None:
         raise _Refused(f"cannot write {what} {path}: the file is read-only")
 
 
-def _writable_folder(path: Path, what: str) -> None:
+def _writable_folder(path: Path, what: str) -> bool:
+    """Refuse an unusable output folder now; whether it had to be created."""
     if path.exists() and not path.is_dir():
         raise _Refused(f"{what} {path} is a file; give a folder")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".captum-pattern-", delete=True):
             pass
     except OSError as exc:
         raise _Refused(f"cannot write into {what} {path}: {exc.strerror or exc}") from exc
+    return created
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path: Path, created: bool) -> Iterator[None]:
+    """On an error, remove the folder this command created if nothing was written into it."""
+    try:
+        yield
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 def _preprocessing(args: argparse.Namespace) -> Any:
@@ -551,14 +566,19 @@ def _stem(spec: str) -> str:
 
 # ------------------------------------------------------------------ explain
 def _explain(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    created = _writable_folder(out, "--out")
+    with _removed_if_left_empty(out, created):
+        return _explain_into(out, args)
+
+
+def _explain_into(out: Path, args: argparse.Namespace) -> int:
     import torch
 
     from .canonize import model_state_guard
     from .images import UnreadableImageError, class_names, image_paths, load_model, read_image
     from .patterns import Patterns
 
-    out = Path(args.out)
-    _writable_folder(out, "--out")
     files = image_paths(args.images)
     if not files:
         raise _Refused("no image files given")
@@ -897,6 +917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PatternError as exc:  # a file, model or data the package refuses: its message says why
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in APP_MODULES:
             raise

@@ -203,3 +203,21 @@ def test_explain_refuses_a_target_the_model_does_not_have(folder, fitted, capsys
     argv = ["explain", MODEL, str(folder / "cat"), "--patterns", str(fitted), "--image-size", "32"]
     assert main([*argv, "--target", "3"]) == 2
     assert "not a class of this model (it has 3 outputs)" in capsys.readouterr().err
+
+
+def test_explain_with_unusable_patterns_is_one_error_line_and_leaves_nothing(
+    folder, fitted, tmp_path, capsys
+):
+    other = tmp_path / "other.patterns.safetensors"  # patterns of another model (3×3 fc)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 3))
+    PatternFitter(model).fit([torch.randn(16, 3)]).save(other)
+    for patterns, message in (
+        (folder / "cat" / "0.png", "not a readable safetensors file"),
+        (other, "layer"),
+    ):
+        out = tmp_path / f"figures-{patterns.stem}"
+        argv = ["explain", MODEL, str(folder / "cat"), "--patterns", str(patterns)]
+        assert main([*argv, "--image-size", "32", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+        assert not out.exists()  # the folder it created for the figures is gone again
