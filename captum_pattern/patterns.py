@@ -431,9 +431,14 @@ class Patterns(Mapping[str, LayerPatterns]):
     ) -> Patterns:
         """Read a file written by :meth:`save`; validate against ``model`` and attach, if given.
 
-        Raises :class:`PatternFileError` for a file that is not a readable
-        pattern file and :class:`PatternMismatchError` when it does not fit
-        ``model``.
+        Patterns and open-gate fractions stored in float16, bfloat16, float32
+        or float64 are kept as stored; the float8 kinds are read as float32
+        (exactly).  Raises :class:`PatternFileError`, naming the layer, the
+        key or tensor and what was expected, for a file that is not an intact
+        pattern file: any other dtype, NaN or Inf, a shape or a count that
+        does not fit, a metadata record of the wrong type, a missing or stray
+        tensor.  Raises :class:`PatternMismatchError` when the patterns do not
+        fit ``model``.
         """
         path = Path(path)
         if not path.is_file():
