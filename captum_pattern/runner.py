@@ -435,8 +435,9 @@ def _skip_done(stream: Iterator[Any], start: int, max_batches: int | None, path:
     needed = start if max_batches is None else min(start, max_batches)
     if skipped < needed:
         raise PatternFileError(
-            f"{path}: the checkpoint holds {start} batches but the data has only {skipped}; "
-            "resume with the same data, or delete the checkpoint to start over"
+            f"{path}: the checkpoint holds {start} batches (its metadata 'batches_done') but "
+            f"the data has only {skipped}; resume with the same data, or delete the checkpoint "
+            "to start over"
         )
 
 
