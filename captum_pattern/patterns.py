@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .activations import APPROXIMATIONS, Regimes
 from .canonize import explained_layers, folded_parameters
 from .errors import PatternFileError, PatternMismatchError
 from .layers import layer_weight
@@ -422,7 +423,7 @@ class Patterns(Mapping[str, LayerPatterns]):
         save_atomically(tensors, path, metadata)
 
     @classmethod
-    def load(  # long: reads, checks and names every layer's tensors and metadata
+    def load(
         cls,
         path: str | os.PathLike[str],
         model: nn.Module | None = None,
@@ -430,9 +431,14 @@ class Patterns(Mapping[str, LayerPatterns]):
     ) -> Patterns:
         """Read a file written by :meth:`save`; validate against ``model`` and attach, if given.
 
-        Raises :class:`PatternFileError` for a file that is not a readable
-        pattern file and :class:`PatternMismatchError` when it does not fit
-        ``model``.
+        Patterns and open-gate fractions stored in float16, bfloat16, float32
+        or float64 are kept as stored; the float8 kinds are read as float32
+        (exactly).  Raises :class:`PatternFileError`, naming the layer, the
+        key or tensor and what was expected, for a file that is not an intact
+        pattern file: any other dtype, NaN or Inf, a shape or a count that
+        does not fit, a metadata record of the wrong type, a missing or stray
+        tensor.  Raises :class:`PatternMismatchError` when the patterns do not
+        fit ``model``.
         """
         path = Path(path)
         if not path.is_file():
@@ -450,44 +456,10 @@ class Patterns(Mapping[str, LayerPatterns]):
                 "the file is truncated, corrupted or not a pattern file"
             ) from exc
         layers_meta = _parse_metadata(path, metadata)
-        layers: dict[str, LayerPatterns] = {}
-        for name, meta in layers_meta.items():
-            try:
-                patterns = {attr: tensors.get(f"{name}/{attr}") for attr in PATTERN_TYPES.values()}
-                zero = {
-                    k[len(name) + 6 :]: v
-                    for k, v in tensors.items()
-                    if k.startswith(f"{name}/zero.")
-                }
-                lp = LayerPatterns(
-                    **patterns,
-                    n_samples=int(meta["n_samples"]),
-                    positive_fraction=tensors[f"{name}/positive_fraction"],
-                    zero=zero,
-                    folded_batchnorm=meta.get("folded_batchnorm"),
-                )
-                shape = tuple(int(s) for s in meta["weight_shape"])
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                raise PatternFileError(
-                    f"{path}: layer {name!r} is incomplete in the file ({exc!r}); "
-                    "the file is corrupted"
-                ) from exc
-            _check_dtypes(path, name, lp)
-            for kind in lp.pattern_types:
-                value = lp.pattern(kind)
-                if tuple(value.shape) != shape:
-                    raise PatternFileError(
-                        f"{path}: layer {name!r} pattern {kind!r} has shape "
-                        f"{tuple(value.shape)}, the file says {shape}; the file is corrupted"
-                    )
-                if not torch.isfinite(value).all():
-                    raise PatternFileError(
-                        f"{path}: layer {name!r} pattern {kind!r} holds NaN or Inf; "
-                        "the file is corrupted"
-                    )
-            if not lp.pattern_types:
-                raise PatternFileError(f"{path}: layer {name!r} has no pattern in the file")
-            layers[name] = lp
+        _check_tensor_names(path, layers_meta, tensors)
+        layers = {
+            name: _read_layer(path, name, meta, tensors) for name, meta in layers_meta.items()
+        }
         loaded = cls(layers, metadata.get("fingerprint") or None, _parse_settings(path, metadata))
         if model is None:
             return loaded
@@ -497,32 +469,190 @@ class Patterns(Mapping[str, LayerPatterns]):
 
 
 def _parse_settings(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The fit settings stored in a file's metadata (a JSON object), or a clear error."""
+    """The fit settings stored in a file's metadata (a JSON object), or a clear error.
+
+    The settings the methods read back (``approximate``, ``activations``) are
+    checked here; the others are a record of the fit and kept as they are.
+    """
     try:
         settings = json.loads(metadata.get("settings", "{}"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise PatternFileError(f"{path}: metadata 'settings' is not JSON") from exc
     if not isinstance(settings, dict):
         raise PatternFileError(f"{path}: metadata 'settings' is not a JSON object")
+    approximate = settings.get("approximate")
+    if approximate not in APPROXIMATIONS:
+        raise PatternFileError(
+            f"{path}: metadata 'settings' entry 'approximate' is {_describe(approximate)}, "
+            f"expected one of {list(APPROXIMATIONS)}; the file is corrupted"
+        )
+    activations = settings.get("activations", {})
+    if not isinstance(activations, dict):
+        raise PatternFileError(
+            f"{path}: metadata 'settings' entry 'activations' is {_describe(activations)}, "
+            "expected an object of activation records by layer; the file is corrupted"
+        )
+    for name, record in activations.items():
+        try:
+            Regimes.from_json(record)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise PatternFileError(
+                f"{path}: metadata 'settings' entry 'activations' of layer {name!r} is "
+                f"{_describe(record)}, expected a record of the activation after the layer "
+                "(activation, lower, upper, negative_slope); the file is corrupted"
+            ) from exc
     return settings
 
 
-def _check_dtypes(path: Path, name: str, lp: LayerPatterns) -> None:
-    """Patterns and fractions are real floating point, zero masks bool; else damaged."""
-    tensors = {f"pattern {kind!r}": lp.pattern(kind) for kind in lp.pattern_types}
-    tensors["positive_fraction"] = lp.positive_fraction
-    for what, value in tensors.items():
-        if not value.is_floating_point():
-            raise PatternFileError(
-                f"{path}: layer {name!r} {what} is stored as {value.dtype}, not a real "
-                "floating-point tensor; the file is corrupted or was not written by captum-pattern"
-            )
-    for kind, mask in lp.zero.items():
-        if mask.dtype != torch.bool:
-            raise PatternFileError(
-                f"{path}: layer {name!r} zero mask {kind!r} is stored as {mask.dtype}, not "
-                "bool; the file is corrupted"
-            )
+#: Floating-point dtypes patterns are kept in as stored; other floating-point ones
+#: (the float8 kinds, all exact in float32) are converted to float32 on load.
+_KEPT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_COUNT = 2**63 - 1  # counts are int64 in torch
+_TENSOR_SUFFIXES = (
+    *PATTERN_TYPES.values(),
+    "positive_fraction",
+    *(f"zero.{kind}" for kind in PATTERN_TYPES),
+)
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for messages (never a huge or deep ``repr``)."""
+    if isinstance(value, list):
+        return f"a JSON array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"a JSON object of {len(value)} keys"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON integer (not a bool, not a float) from 0 to 2**63 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _check_tensor_names(
+    path: Path, layers: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> None:
+    """Every tensor in the file belongs to a layer of the metadata, under a known name."""
+    known = {f"{name}/{suffix}" for name in layers for suffix in _TENSOR_SUFFIXES}
+    stray = sorted(set(tensors) - known)
+    if stray:
+        raise PatternFileError(
+            f"{path}: tensor {stray[0]!r} is not one of the tensors of the layers the file's "
+            f"metadata names ({len(stray)} such tensors); the file is corrupted"
+        )
+
+
+def _read_layer(
+    path: Path, name: str, record: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> LayerPatterns:
+    """One layer's patterns from its metadata record and tensors, every part checked.
+
+    Raises :class:`PatternFileError` naming the layer, the key or tensor, and
+    what was expected, for anything an intact file cannot hold.
+    """
+    stored = [kind for kind, attr in PATTERN_TYPES.items() if f"{name}/{attr}" in tensors]
+    shape, n_samples, folded = _layer_record(path, name, record, stored)
+    outputs = shape[:1]
+    patterns = {
+        attr: _real_tensor(path, name, f"pattern {kind!r}", tensors, f"{name}/{attr}", shape)
+        if kind in stored
+        else None
+        for kind, attr in PATTERN_TYPES.items()
+    }
+    key = f"{name}/positive_fraction"
+    fraction = _real_tensor(path, name, "positive_fraction", tensors, key, outputs)
+    if not bool(((fraction >= 0) & (fraction <= 1)).all()):
+        raise _refuse(path, name, "positive_fraction", "is outside [0, 1]", "fractions")
+    zero = {}
+    for kind in PATTERN_TYPES:
+        mask = tensors.get(f"{name}/zero.{kind}")
+        what = f"zero mask {kind!r}"
+        if mask is None:
+            continue
+        if kind not in stored:
+            raise _refuse(path, name, what, "is present", f"masks only for the patterns {stored}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != outputs:
+            found = f"is stored as {mask.dtype} of shape {tuple(mask.shape)}"
+            raise _refuse(path, name, what, found, f"torch.bool of shape {outputs}")
+        zero[kind] = mask
+    return LayerPatterns(
+        **patterns,
+        n_samples=n_samples,
+        positive_fraction=fraction,
+        zero=zero,
+        folded_batchnorm=folded,
+    )
+
+
+def _refuse(path: Path, name: str, what: str, found: str, expected: str) -> PatternFileError:
+    return PatternFileError(
+        f"{path}: layer {name!r} {what} {found}, expected {expected}; "
+        "the file is corrupted or was not written by captum-pattern"
+    )
+
+
+def _layer_record(
+    path: Path, name: str, record: Mapping[str, Any], stored: list[str]
+) -> tuple[tuple[int, ...], int, str | None]:
+    """The weight shape, sample count and folded BatchNorm of a layer's metadata record.
+
+    ``stored``: the pattern types whose tensors the file holds for the layer;
+    the record's ``pattern_types`` must name the same ones.
+    """
+    missing = [k for k in ("weight_shape", "n_samples", "folded_batchnorm", "pattern_types")]
+    missing = [k for k in missing if k not in record]
+    if missing:
+        raise _refuse(path, name, f"metadata {missing[0]!r}", "is missing", "it in every record")
+    shape, n_samples = record["weight_shape"], record["n_samples"]
+    folded, kinds = record["folded_batchnorm"], record["pattern_types"]
+    if not (isinstance(shape, list) and shape and all(_is_count(s) for s in shape)):
+        found = "is " + _describe(shape)
+        raise _refuse(path, name, "metadata 'weight_shape'", found, "a list of sizes (integers)")
+    if not _is_count(n_samples):
+        expected = f"an integer from 0 to {_MAX_COUNT}"
+        raise _refuse(path, name, "metadata 'n_samples'", "is " + _describe(n_samples), expected)
+    if not (folded is None or (isinstance(folded, str) and folded)):
+        found = "is " + _describe(folded)
+        raise _refuse(path, name, "metadata 'folded_batchnorm'", found, "null or a module name")
+    if not stored:
+        expected = f"at least one of the tensors {name}/{{{', '.join(PATTERN_TYPES.values())}}}"
+        raise _refuse(path, name, "patterns", "are missing", expected)
+    if not (
+        isinstance(kinds, list)
+        and all(isinstance(k, str) for k in kinds)
+        and sorted(kinds) == sorted(stored)
+    ):
+        expected = f"the pattern types whose tensors the file holds, {stored}"
+        raise _refuse(path, name, "metadata 'pattern_types'", "is " + _describe(kinds), expected)
+    return tuple(shape), n_samples, folded
+
+
+def _real_tensor(
+    path: Path,
+    name: str,
+    what: str,
+    tensors: Mapping[str, Tensor],
+    key: str,
+    shape: tuple[int, ...],
+) -> Tensor:
+    """``tensors[key]``: finite, real floating point (float8 converted to float32), ``shape``."""
+    if key not in tensors:
+        raise _refuse(path, name, what, "is missing", "a tensor in the file")
+    value = tensors[key]
+    if not value.is_floating_point():
+        found = f"is stored as {value.dtype}"
+        raise _refuse(path, name, what, found, "a real floating-point tensor")
+    if value.dtype not in _KEPT_DTYPES:
+        value = value.to(torch.float32)
+    if tuple(value.shape) != shape:
+        expected = f"shape {shape} (from the metadata's 'weight_shape')"
+        raise _refuse(path, name, what, f"has shape {tuple(value.shape)}", expected)
+    if not torch.isfinite(value).all():
+        raise _refuse(path, name, what, "holds NaN or Inf", "finite values")
+    return value
 
 
 # Patterns attached to models (Patterns.attach); weak keys, so a model is not kept alive.
@@ -538,15 +668,19 @@ def attached_patterns(model: nn.Module) -> Patterns | None:
 
 
 def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The layer records of a file's metadata, after its format and version are checked."""
     if metadata.get("format") != FORMAT_NAME:
         raise PatternFileError(
             f"{path}: not a captum-pattern file (safetensors metadata 'format' is "
-            f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+            f"{_describe(metadata.get('format'))}, expected {FORMAT_NAME!r})"
         )
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
-        raise PatternFileError(f"{path}: format_version is missing or not a number") from None
+        raise PatternFileError(
+            f"{path}: metadata 'format_version' is {_describe(metadata.get('format_version'))}, "
+            f"expected a number from 1 to {FORMAT_VERSION}; the file is corrupted"
+        ) from None
     if version > FORMAT_VERSION:
         raise PatternFileError(
             f"{path}: written by a newer captum-pattern (format version {version}; this "
@@ -554,10 +688,23 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
         )
     if version < 1:
         raise PatternFileError(f"{path}: unknown format version {version}")
+    expected = "a JSON object of layer records by layer name"
+    if "layers" not in metadata:
+        raise PatternFileError(f"{path}: metadata 'layers' is missing, expected {expected}")
     try:
         layers = json.loads(metadata["layers"])
-        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-            raise TypeError("layers is not a mapping of layer records")
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError: ValueError
-        raise PatternFileError(f"{path}: metadata 'layers' is missing or invalid") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise PatternFileError(
+            f"{path}: metadata 'layers' is not JSON ({type(exc).__name__}), expected {expected}; "
+            "the file is corrupted"
+        ) from exc
+    if isinstance(layers, dict):
+        odd = ((k, v) for k, v in layers.items() if not isinstance(v, dict))
+        found = next((f"{_describe(v)} for layer {k!r}" for k, v in odd), None)
+    else:
+        found = _describe(layers)
+    if found is not None:
+        raise PatternFileError(
+            f"{path}: metadata 'layers' is {found}, expected {expected}; the file is corrupted"
+        )
     return layers

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,35 +190,44 @@ class Checkpoint:
         except Exception as exc:
             raise PatternFileError(f"{path}: not a readable checkpoint ({exc})") from exc
         if meta.get("format") != self.kind:
-            raise PatternFileError(f"{path}: not a {self.kind} file")
-        try:
-            version = int(meta.get("format_version", "0"))
-            done = int(meta["batches_done"])
-            saved = json.loads(meta.get("settings", "null"))
-        except (KeyError, ValueError, RecursionError) as exc:
-            raise PatternFileError(f"{path}: damaged checkpoint metadata ({exc})") from exc
+            raise PatternFileError(
+                f"{path}: not a {self.kind} file (its metadata 'format' is "
+                f"{_shown(meta.get('format'))}, expected {self.kind!r})"
+            )
+        version = _metadata_count(path, meta, "format_version")
         if version > self.version:
-            raise PatternFileError(f"{path}: written by a newer captum-pattern; upgrade to resume")
+            raise PatternFileError(
+                f"{path}: written by a newer captum-pattern (checkpoint format version "
+                f"{version}; this version reads {self.version}); upgrade to resume"
+            )
         if version < self.version:
             raise PatternFileError(
-                f"{path}: written by an older captum-pattern; delete it to start over"
+                f"{path}: written by an older captum-pattern (checkpoint format version "
+                f"{version}; this version reads {self.version}), whose checkpoints cannot be "
+                "resumed; delete the file to start the fit over"
             )
+        done = _metadata_count(path, meta, "batches_done")
+        saved = _metadata_settings(path, meta)
         expected = json.loads(json.dumps(self.settings, sort_keys=True))
-        if not isinstance(saved, dict) or done < 0:
-            raise PatternFileError(f"{path}: damaged checkpoint metadata")
         for key, value in expected.items():
             if saved.get(key) != value:
                 raise PatternFileError(
-                    f"{path}: the checkpoint's {key} differ from this run's ({key} changed "
-                    "since it was written); resume with the same model and settings, or "
-                    "delete the checkpoint to start over"
+                    f"{path}: the checkpoint's settings entry {key!r} differs from this "
+                    f"run's ({key} changed since it was written); resume with the same model "
+                    "and settings, or delete the checkpoint to start over"
                 )
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
-        if bad:
-            raise PatternFileError(
-                f"{path}: the checkpoint's {bad[0]!r} holds NaN or Inf (the file is damaged); "
-                "delete it to start over"
-            )
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise PatternFileError(
+                    f"{path}: the checkpoint's tensor {key!r} is stored as {tensor.dtype}, "
+                    "expected a real floating-point tensor (the file is damaged); delete it "
+                    "to start over"
+                )
+            if not tensor.double().isfinite().all():  # float8 has no isfinite of its own
+                raise PatternFileError(
+                    f"{path}: the checkpoint's {key!r} holds NaN or Inf (the file is damaged); "
+                    "delete it to start over"
+                )
         try:
             state.load_state_dict(tensors)
         except ValueError as exc:
@@ -227,6 +237,40 @@ class Checkpoint:
     def remove(self) -> None:
         """Delete the checkpoint file (after a completed run)."""
         self.file.unlink(missing_ok=True)
+
+
+def _shown(text: str | None) -> str:
+    """A metadata value for a message: ``missing``, or its first 40 characters."""
+    return "missing" if text is None else repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _damaged(path: Path, meta: Mapping[str, str], key: str, expected: str) -> PatternFileError:
+    return PatternFileError(
+        f"{path}: the checkpoint's metadata {key!r} is {_shown(meta.get(key))}, expected "
+        f"{expected} (the file is damaged); delete it to start over"
+    )
+
+
+def _metadata_count(path: Path, meta: Mapping[str, str], key: str) -> int:
+    """A whole number from 0 to ``sys.maxsize`` in a checkpoint's metadata, or a clear error."""
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        raise _damaged(path, meta, key, "a whole number") from None
+    if not 0 <= value <= sys.maxsize:
+        raise _damaged(path, meta, key, f"a whole number from 0 to {sys.maxsize}")
+    return value
+
+
+def _metadata_settings(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The settings (a JSON object) in a checkpoint's metadata, or a clear error."""
+    try:
+        settings = json.loads(meta["settings"])
+    except (KeyError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise _damaged(path, meta, "settings", "a JSON object") from None
+    if not isinstance(settings, dict):
+        raise _damaged(path, meta, "settings", "a JSON object")
+    return settings
 
 
 class StreamRunner:
@@ -322,9 +366,12 @@ class StreamRunner:
         if checkpoint is not None and checkpoint.resume and state is not None:
             start = checkpoint.restore(state)
         stream = data if isinstance(data, _FirstChained) else enumerate(data)
+        if start and checkpoint is not None:
+            _skip_done(stream, start, self.max_batches, checkpoint.file)
+        rest = None if self.max_batches is None else max(self.max_batches - start, 0)
         done = start
         with self.precision.tf32_flags(self.device):
-            for index, inputs in self._prefetch(itertools.islice(stream, start, self.max_batches)):
+            for index, inputs in self._prefetch(itertools.islice(stream, rest)):
                 self.forward(inputs, index)
                 done = index + 1
                 if after_batch is not None:
@@ -376,6 +423,22 @@ class StreamRunner:
             current = upcoming
         if current is not None:
             yield current
+
+
+def _skip_done(stream: Iterator[Any], start: int, max_batches: int | None, path: Path) -> None:
+    """Pass over the ``start`` batches a checkpoint holds; refuse data that has fewer.
+
+    Data shorter than the checkpoint's count (as far as ``max_batches`` reaches)
+    means other data, or a damaged count: the result would be silently wrong.
+    """
+    skipped = sum(1 for _ in itertools.islice(stream, start))
+    needed = start if max_batches is None else min(start, max_batches)
+    if skipped < needed:
+        raise PatternFileError(
+            f"{path}: the checkpoint holds {start} batches (its metadata 'batches_done') but "
+            f"the data has only {skipped}; resume with the same data, or delete the checkpoint "
+            "to start over"
+        )
 
 
 def _all_reduce(tensor: Tensor) -> None:

@@ -230,3 +230,114 @@ def test_damaged_layer_metadata_is_a_pattern_file_error(tmp_path, layers):
     save_file(tensors, str(path), metadata={**metadata, "layers": layers})
     with pytest.raises(PatternFileError):
         Patterns.load(path, model=model)
+
+
+def _record_edit(key, value):
+    def edit(layers):
+        layers["0"][key] = value
+
+    return edit
+
+
+def _drop(key):
+    def edit(layers):
+        del layers["0"][key]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (_record_edit("n_samples", -5), "'n_samples' is -5, expected an integer from 0"),
+        (_record_edit("n_samples", 3.5), "'n_samples' is 3.5"),
+        (_record_edit("n_samples", True), "'n_samples' is True"),
+        (_record_edit("n_samples", "64"), "'n_samples' is '64'"),
+        (_record_edit("n_samples", 2**64), "'n_samples' is an integer of 65 bits"),
+        (_record_edit("weight_shape", ["4", "3"]), "'weight_shape' is a JSON array of 2 items"),
+        (_record_edit("weight_shape", [3, 4]), r"has shape \(4, 3\), expected shape \(3, 4\)"),
+        (_record_edit("folded_batchnorm", 5), "'folded_batchnorm' is 5, expected null or a"),
+        (_record_edit("pattern_types", ["relu"]), "'pattern_types' is a JSON array of 1 items"),
+        (_drop("n_samples"), "metadata 'n_samples' is missing"),
+        (lambda layers: layers.pop("2"), "tensor '2/a_linear' is not one of the tensors"),
+        (lambda layers: layers.update(x=layers["2"]), "layer 'x' patterns are missing"),
+    ],
+    ids=[
+        "negative-count",
+        "float-count",
+        "bool-count",
+        "string-count",
+        "huge-count",
+        "shape-of-strings",
+        "other-shape",
+        "fold-not-a-name",
+        "other-pattern-types",
+        "missing-key",
+        "layer-dropped",
+        "layer-added",
+    ],
+)
+def test_impossible_layer_records_are_named(tmp_path, edit, named):
+    _, path, tensors, metadata = _saved(tmp_path)
+    layers = json.loads(metadata["layers"])
+    edit(layers)
+    save_file(tensors, str(path), metadata={**metadata, "layers": json.dumps(layers)})
+    with pytest.raises(PatternFileError, match=named) as info:
+        Patterns.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("0/positive_fraction", torch.full((4,), 1.5), "positive_fraction is outside"),
+        ("0/positive_fraction", torch.full((4,), float("nan")), "positive_fraction holds NaN"),
+        ("0/positive_fraction", torch.zeros(5), r"positive_fraction has shape \(5,\)"),
+        ("0/zero.relu", torch.zeros(5, dtype=torch.bool), "zero mask 'relu' is stored as"),
+        ("0/zero.bogus", torch.zeros(4, dtype=torch.bool), "tensor '0/zero.bogus' is not one"),
+    ],
+    ids=["fraction-above-1", "fraction-nan", "fraction-shape", "mask-shape", "unknown-mask"],
+)
+def test_impossible_tensors_beside_the_patterns_are_named(tmp_path, key, value, named):
+    _, path, tensors, metadata = _saved(tmp_path)
+    save_file({**tensors, key: value}, str(path), metadata=metadata)
+    with pytest.raises(PatternFileError, match=named):
+        Patterns.load(path)
+
+
+def test_float8_patterns_load_as_float32_and_others_as_stored(tmp_path):
+    _, path, tensors, metadata = _saved(tmp_path)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16):
+        stored = tensors["0/a_plus"].to(dtype)
+        save_file({**tensors, "0/a_plus": stored}, str(path), metadata=metadata)
+        loaded = Patterns.load(path)["0"].a_plus
+        expected = stored.float() if dtype.itemsize == 1 else stored
+        assert loaded.dtype == expected.dtype and torch.equal(loaded, expected)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"approximate": "everything"}, "'approximate' is 'everything', expected one of"),
+        ({"activations": [1]}, "'activations' is a JSON array of 1 items"),
+        (
+            {
+                "activations": {
+                    "0": {
+                        "activation": "relu",
+                        "lower": 10**400,
+                        "upper": None,
+                        "negative_slope": False,
+                    }
+                }
+            },
+            "'activations' of layer '0' is a JSON object of 4 keys",
+        ),
+    ],
+    ids=["approximate", "activations-not-an-object", "overflowing-record"],
+)
+def test_settings_the_methods_read_are_checked_on_load(tmp_path, settings, named):
+    _, path, tensors, metadata = _saved(tmp_path)
+    save_file(tensors, str(path), metadata={**metadata, "settings": json.dumps(settings)})
+    with pytest.raises(PatternFileError, match=named):
+        Patterns.load(path)
