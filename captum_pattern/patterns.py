@@ -71,6 +71,25 @@ class LayerPatterns:
     zero: dict[str, Tensor] = field(default_factory=dict)
     folded_batchnorm: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse tensors that would be used as something else than they are.
+
+        An integer, bool or complex pattern would be cast at use (truncated,
+        0/1 or its real part): a wrong explanation without a word.
+        """
+        for attr in (*PATTERN_TYPES.values(), "positive_fraction"):
+            value = getattr(self, attr)
+            if value is not None and (value.is_complex() or not value.is_floating_point()):
+                raise PatternMismatchError(
+                    f"LayerPatterns.{attr} has dtype {value.dtype}; patterns and fractions "
+                    "are real floating point (e.g. patterns.to(dtype=torch.float32))"
+                )
+        for kind, mask in self.zero.items():
+            if mask.dtype != torch.bool:
+                raise PatternMismatchError(
+                    f"LayerPatterns.zero[{kind!r}] has dtype {mask.dtype}; zero masks are bool"
+                )
+
     def pattern(self, pattern_type: str) -> Tensor:
         """The pattern of ``pattern_type`` (``"relu"``, ``"relu_negative"``, ``"linear"``)."""
         if pattern_type not in PATTERN_TYPES:

@@ -107,3 +107,15 @@ def test_an_activation_replaced_after_the_first_call_is_seen():
         pn.attribute(x, target=0)
     model[1] = nn.ReLU()  # a new ReLU object: the fitted function again
     assert torch.equal(pn.attribute(x, target=0), PatternNet(model, patterns).attribute(x, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.complex64])
+def test_patterns_cast_in_memory_to_a_non_real_dtype_are_refused(dtype):
+    """Cast at use, they would explain with truncated, 0/1 or real-part patterns."""
+    model, patterns, _ = _fitted()
+    with pytest.raises(PatternMismatchError, match=rf"a_plus has dtype {dtype}"):
+        patterns.to(dtype=dtype)
+    lp = next(iter(patterns.values()))
+    with pytest.raises(PatternMismatchError, match="zero masks are bool"):
+        type(lp)(lp.a_plus, None, None, 1, lp.positive_fraction, {"relu": lp.positive_fraction})
+    assert patterns.to(dtype=torch.float64)  # real floating point is fine
