@@ -331,7 +331,7 @@ class StreamRunner:
 
         Raises :class:`InvalidDataError` when ``data`` yields nothing.
         """
-        batches = enumerate(data)
+        batches = enumerate(_iterable_of_batches(data, what))
         first = next(batches, None)
         if first is None:
             raise InvalidDataError(f"{what} yielded no batch; give at least one batch")
@@ -365,7 +365,9 @@ class StreamRunner:
         start = 0
         if checkpoint is not None and checkpoint.resume and state is not None:
             start = checkpoint.restore(state)
-        stream = data if isinstance(data, _FirstChained) else enumerate(data)
+        stream = (
+            data if isinstance(data, _FirstChained) else enumerate(_iterable_of_batches(data, what))
+        )
         if start and checkpoint is not None:
             _skip_done(stream, start, self.max_batches, checkpoint.file)
         rest = None if self.max_batches is None else max(self.max_batches - start, 0)
@@ -444,6 +446,29 @@ def _skip_done(stream: Iterator[Any], start: int, max_batches: int | None, path:
 def _all_reduce(tensor: Tensor) -> None:
     """Sum ``tensor`` over every process, in place."""
     dist.all_reduce(tensor)
+
+
+def _iterable_of_batches(data: Iterable[Any], what: str) -> Iterable[Any]:
+    """``data``, unless it is one tensor, array or map-style dataset: single rows, not batches.
+
+    A model that accepts unbatched inputs (``Conv2d`` takes ``(C, H, W)``)
+    would then run on each row as if it were a batch.
+    """
+    if isinstance(data, Tensor) or type(data).__name__ == "ndarray":
+        shape = tuple(getattr(data, "shape", ()))
+        raise InvalidDataError(
+            f"{what} is one {type(data).__name__} of shape {shape}, not an iterable of batches "
+            "(iterating it would give its rows one by one); give a list of batches such as "
+            "[x] or x.split(256), or a DataLoader"
+        )
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+        data, torch.utils.data.IterableDataset
+    ):
+        raise InvalidDataError(
+            f"{what} is a {type(data).__name__}, whose items are single examples, not "
+            "batches; wrap it: torch.utils.data.DataLoader(dataset, batch_size=256)"
+        )
+    return data
 
 
 class _FirstChained(Iterator[tuple[int, Any]]):

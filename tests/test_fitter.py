@@ -15,6 +15,7 @@ from captum_pattern import (
     Patterns,
     UnsupportedModelError,
 )
+from captum_pattern.metrics import signal_quality
 from reference import reference_layer_patterns
 
 ATTRS = ("a_plus", "a_minus", "a_linear")
@@ -76,6 +77,19 @@ def test_max_batches_stops_early():
 def test_empty_data_is_an_error():
     with pytest.raises(InvalidDataError, match="no batch"):
         PatternFitter(_mlp()).fit([])
+
+
+def test_one_tensor_instead_of_batches_is_an_error_not_a_row_by_row_fit():
+    # Conv2d takes unbatched (C, H, W) inputs: iterating one tensor would fit row by row
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    x = torch.randn(8, 1, 6, 6)
+    for data in (x, x.numpy()):
+        with pytest.raises(InvalidDataError, match=r"one \w+ of shape \(8, 1, 6, 6\).*\[x\]"):
+            PatternFitter(model).fit(data)
+    with pytest.raises(InvalidDataError, match=r"TensorDataset, whose items.*DataLoader"):
+        PatternFitter(model).fit(TensorDataset(x))
+    with pytest.raises(InvalidDataError, match=r"v_data\) is one Tensor"):
+        signal_quality(model, PatternFitter(model).fit([x]), x, [x])
 
 
 def test_bad_batch_type_is_an_error():
