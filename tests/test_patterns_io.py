@@ -341,3 +341,13 @@ def test_settings_the_methods_read_are_checked_on_load(tmp_path, settings, named
     save_file(tensors, str(path), metadata={**metadata, "settings": json.dumps(settings)})
     with pytest.raises(PatternFileError, match=named):
         Patterns.load(path)
+
+
+def test_saving_into_a_missing_folder_or_onto_a_folder_names_the_users_path(tmp_path):
+    patterns = PatternFitter(nn.Linear(3, 2)).fit([torch.randn(8, 3)])
+    missing = tmp_path / "nope" / "p.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"{missing}: the folder .*nope does not exist"):
+        patterns.save(missing)
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a folder; give a file name"):
+        patterns.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
