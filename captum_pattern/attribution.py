@@ -700,11 +700,12 @@ def _check_inputs(inputs: tuple[Any, ...], weight: Tensor, floating: bool = True
             raise InvalidInputError(f"input {i} holds NaN or Inf; clean the inputs first")
 
 
-def _check_index(index: int, size: int, what: str, shape: tuple[int, ...]) -> None:
+def _check_index(index: int, size: int, what: str, shape: tuple[int, ...], dim: int = 1) -> None:
     if not -size <= index < size:
-        raise InvalidTargetError(
-            f"target {what} {index} is out of range for the model output of shape {shape}"
-        )
+        where = "" if what == "target class" else f": index {index} along dimension {dim}"
+        value = f" {index}" if what == "target class" else ""
+        of = "the layer's output" if what.startswith("neuron_selector") else "the model output"
+        raise InvalidTargetError(f"{what}{value}{where} is out of range for {of} of shape {shape}")
 
 
 def _is_integer(value: Any) -> bool:
@@ -787,7 +788,7 @@ def _select_column(output: Tensor, target: tuple[Any, ...]) -> Tensor:
     if len(target) > output.dim() - 1:
         raise InvalidTargetError(f"target {target} has too many indices for output {shape}")
     for dim, index in enumerate(target, start=1):
-        _check_index(int(index), shape[dim], f"index {target}", shape)
+        _check_index(int(index), shape[dim], f"target {target}", shape, dim)
     key: tuple[slice | int, ...] = (slice(None), *[int(i) for i in target])
     return output[key]
 
@@ -800,7 +801,7 @@ def _select_per_example(output: Tensor, target: list[Any]) -> Tensor:
         if output.dim() != 2:
             raise InvalidTargetError(f"a list of int targets needs a 2-D output, got {shape}")
         for t in target:
-            _check_index(int(t), shape[1], "class", shape)
+            _check_index(int(t), shape[1], "target class", shape)
             if t < 0:
                 raise InvalidTargetError(
                     f"per-example target {int(t)} is negative; give classes 0 to {shape[1] - 1} "
@@ -861,7 +862,7 @@ def select_neuron(layer_tensors: tuple[Tensor, ...], selector: NeuronSelector) -
         raise InvalidTargetError(f"neuron_selector {selector!r} has too many indices for {shape}")
     for dim, i in enumerate(index, start=1):
         if not isinstance(i, slice):
-            _check_index(int(i), shape[dim], f"neuron {selector!r}", shape)
+            _check_index(int(i), shape[dim], f"neuron_selector {selector!r}", shape, dim)
     where: list[slice | int] = [slice(None)]
     where += [i if isinstance(i, slice) else int(i) for i in index]
     selected = tensor[tuple(where)]

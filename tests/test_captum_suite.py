@@ -163,9 +163,15 @@ def test_impossible_target_or_neuron_is_an_assertion_error_with_the_clear_messag
     PatternFitter(net).fit([torch.randn(32, 3)])
     x = torch.randn(2, 3)
     cases = [
-        (lambda: PatternNet(net).attribute(x, target=9), "target index (9,) 9 is out of range"),
+        (
+            lambda: PatternNet(net).attribute(x, target=9),
+            "target (9,): index 9 along dimension 1 is out of range",
+        ),
         (lambda: LayerPatternNet(net, net[1]).attribute(x, target=(1, 2)), "too many indices"),
-        (lambda: NeuronPatternNet(net, net[1]).attribute(x, 6), "neuron 6 6 is out of range"),
+        (
+            lambda: NeuronPatternNet(net, net[1]).attribute(x, 6),
+            "neuron_selector 6: index 6 along dimension 1 is out of range for the layer's output",
+        ),
     ]
     for run, message in cases:
         with pytest.raises(AssertionError, match=re.escape(message)) as info:
