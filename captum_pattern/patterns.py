@@ -353,6 +353,7 @@ class Patterns(Mapping[str, LayerPatterns]):
 
         >>> import torch
         >>> from captum_pattern import PatternAttribution, PatternFitter
+        >>> from captum_pattern.patterns import attached_patterns
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
         >>> patterns = PatternFitter(net).fit([torch.randn(64, 4)])  # attaches them
         >>> PatternAttribution(net).attribute(torch.randn(2, 4), target=1).shape
