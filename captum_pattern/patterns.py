@@ -353,12 +353,14 @@ class Patterns(Mapping[str, LayerPatterns]):
 
         >>> import torch
         >>> from captum_pattern import PatternAttribution, PatternFitter
-        >>> from captum_pattern.patterns import attached_patterns
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
         >>> patterns = PatternFitter(net).fit([torch.randn(64, 4)])  # attaches them
-        >>> PatternAttribution(net).attribute(torch.randn(2, 4), target=1).shape
+        >>> x = torch.randn(2, 4)
+        >>> PatternAttribution(net).attribute(x, target=1).shape
         torch.Size([2, 4])
-        >>> attached_patterns(torch.nn.DataParallel(net)) is patterns
+        >>> wrapped = torch.nn.DataParallel(net)  # found through the wrapper too
+        >>> torch.equal(PatternAttribution(wrapped).attribute(x, target=1),
+        ...             PatternAttribution(net, patterns).attribute(x, target=1))
         True
         """
         self.validate(model)
