@@ -296,10 +296,23 @@ def _fit_plan(
     """
     if not (skip and settings_file.exists()):
         return files, []
+    damaged = f"cannot resume: {settings_file} is damaged"
     try:
         earlier = json.loads(settings_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise _Refused(f"cannot resume: {settings_file} is damaged ({exc}); start over") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _Refused(f"{damaged} ({type(exc).__name__}); start over") from exc
+    record = earlier if isinstance(earlier, dict) else {}
+    images, dropped = record.get("images"), record.get("dropped_batches", [])
+    if not (
+        isinstance(images, list)
+        and all(isinstance(p, str) for p in images)
+        and isinstance(dropped, list)
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in dropped)
+    ):
+        raise _Refused(
+            f"{damaged} (expected an object with a list of image paths and a list of dropped "
+            "batch numbers); start over without --resume"
+        )
     settings = _data_settings(args, files, world)
     keys = [k for k in settings if k != "images"]
     changed = sorted(k for k in keys if earlier.get(k, _SETTING_DEFAULTS.get(k)) != settings[k])
@@ -309,7 +322,7 @@ def _fit_plan(
             "since it was written, so the batches would not be the same; use the same settings "
             "(and the same number of processes), or start over without --resume"
         )
-    plan = [Path(p) for p in earlier.get("images", [])]
+    plan = [Path(p) for p in images]
     known = {str(p) for p in plan}
     added = [str(p) for p in (f.resolve() for f in files) if str(p) not in known]
     if added:
@@ -323,7 +336,7 @@ def _fit_plan(
     if removed:
         shown = ", ".join(p.name for p in removed[:3])
         print(f"note: {len(removed)} image(s) removed since the checkpoint are left out ({shown})")
-    return plan, list(earlier.get("dropped_batches", []))
+    return plan, list(dropped)
 
 
 def _other_world(checkpoint: Path, ranks: _Ranks) -> None:

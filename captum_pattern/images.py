@@ -416,7 +416,7 @@ class ResumableBatches:
         first = next(self._batches(0, quiet=True), None)
         if first is None:
             return
-        for _ in range(self.skip):
+        for _ in range(min(self.skip, len(self))):  # a damaged count must not run for ever
             yield first
         yield from self._batches(self._position())
 

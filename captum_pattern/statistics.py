@@ -308,6 +308,8 @@ class PatternStatistics:
                     f"expected {tuple(current.shape)}"
                 )
 
+        _check_counts(state)
+
         def f64(key: str) -> Tensor:
             return state[key].to(device=self.device, dtype=torch.float64).clone()
 
@@ -507,3 +509,19 @@ class _Solve:
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """``Σ a·b`` over the patch, per neuron: one batched product, no temporary."""
     return torch.einsum("gnd,gnd->gn", a.flatten(2), b.flatten(2))
+
+
+def _check_counts(state: Mapping[str, Tensor]) -> None:
+    """Refuse impossible counts: ``n`` and each neuron's ``Σ g`` are whole numbers,
+    ``0 ≤ Σ g ≤ n`` (a checkpoint edited by hand, or damaged, would otherwise be solved)."""
+    n = state["n"].double().cpu()
+    n_pos = state["scalar.n_pos"].double().cpu()
+    if not (bool(n >= 0) and bool(n == n.floor())):
+        raise ValueError(f"statistics state 'n' is {float(n)}, expected a whole number >= 0")
+    bad = (n_pos < 0) | (n_pos > n) | (n_pos != n_pos.floor())
+    if bool(bad.any()):
+        value = float(n_pos[bad][0])
+        raise ValueError(
+            f"statistics state 'scalar.n_pos' holds {value}, expected whole numbers from 0 to "
+            f"n = {float(n)} (samples in the open regime)"
+        )

@@ -589,3 +589,25 @@ def test_a_checkpoint_holding_more_batches_than_the_data_is_refused(checkpoint):
     save_file(tensors, str(path), metadata={**metadata, "batches_done": str(sys.maxsize + 1)})
     with pytest.raises(PatternFileError, match="'batches_done' is .*expected a whole number"):
         _resume(fitter, batches, path)
+
+
+@pytest.mark.parametrize(
+    "key,change,match",
+    [
+        ("n", lambda t: -t, r"'n' is -\d+\.0, expected a whole number >= 0"),
+        ("n", lambda t: t + 0.5, r"'n' is \d+\.5, expected a whole number"),
+        ("scalar.n_pos", lambda t: t.index_fill(0, torch.tensor([0]), -1.0), "holds -1.0"),
+        ("scalar.n_pos", lambda t: t + 1e6, r"expected whole numbers from 0 to n"),
+    ],
+    ids=["negative-n", "fractional-n", "negative-count", "count-above-n"],
+)
+def test_impossible_counts_in_a_checkpoints_tensors_are_refused(checkpoint, key, change, match):
+    """Counts that no fit can produce (a damaged or hand-edited file) are not solved."""
+    fitter, batches, _, tensors, metadata, folder = checkpoint
+    names = [k for k in tensors if k.endswith(f"/{key}") or k == key or k.endswith(f".{key}")]
+    assert names, sorted(tensors)[:8]
+    edited = dict(tensors) | {names[0]: change(tensors[names[0]].clone())}
+    path = folder / "counts.ckpt"
+    save_file(edited, str(path), metadata=metadata)
+    with pytest.raises(PatternFileError, match=match):
+        _resume(fitter, batches, path)

@@ -14,7 +14,13 @@ from PIL import Image
 from captum_pattern import InvalidInputError, PatternFitter, Patterns
 from captum_pattern import images as images_module
 from captum_pattern.cli import main
-from captum_pattern.images import ImageFiles, Preprocessing, UnreadableImageError, load_model
+from captum_pattern.images import (
+    ImageFiles,
+    Preprocessing,
+    ResumableBatches,
+    UnreadableImageError,
+    load_model,
+)
 from captum_pattern.metrics import patch_degradation
 
 MODEL = "cli_models:tiny_resnet"
@@ -146,6 +152,30 @@ def test_resume_refuses_images_added_since(folder, tmp_path, monkeypatch, capsys
     assert main([*args, "--resume"]) == 2
     assert "1 image(s) were added since the checkpoint" in capsys.readouterr().err
     assert checkpoint.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        "[1, 2]",
+        '{"images": 7}',
+        '{"images": [], "dropped_batches": [-1]}',
+    ],
+    ids=["deep", "not-an-object", "images-not-a-list", "negative-batch"],
+)
+def test_a_damaged_resume_record_is_refused_by_name(folder, tmp_path, monkeypatch, capsys, damage):
+    out, checkpoint = tmp_path / "p.safetensors", tmp_path / "fit.ckpt"
+    stop_reading_at(monkeypatch, 8)
+    args = _fit(folder, out, "--checkpoint", str(checkpoint), "--checkpoint-every", "1")
+    assert main(args) == 130
+    read_normally(monkeypatch)
+    record = tmp_path / "fit.ckpt.json"
+    assert record.exists()  # the batch plan beside the checkpoint
+    record.write_text(damage)
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume: {record} is damaged" in err and "Traceback" not in err
 
 
 def test_an_all_bad_batch_is_dropped_and_a_resume_finds_the_right_batch(
@@ -300,3 +330,9 @@ def test_interpolation_is_checked_without_importing_torchvision_otherwise(capsys
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", MODEL, "imgs", "--interpolation", "cubic"])
     assert "choose from nearest, bilinear, bicubic" in capsys.readouterr().err
+
+
+def test_a_huge_resume_count_ends_instead_of_running_for_ever():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0))
+    batches = list(ResumableBatches(data, batch_size=4, skip=10**12))  # a damaged count
+    assert len(batches) == 3  # at most the data's own batches: the fitter then refuses the count
