@@ -256,8 +256,8 @@ _READS_TRAINING: dict[type, bool] = {}
 
 def _class_reads_training(cls: type) -> bool:
     for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            continue
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            continue  # nn.Module's own train()/eval(), and mixins such as typing.Generic
         if not klass.__module__.startswith("torch.nn."):
             return True
         try:

@@ -457,6 +457,7 @@ def test_modes_depend_on_the_class_reading_its_training_flag():
             return x
 
     plain = [nn.Conv2d(1, 1, 1), nn.Linear(1, 1), nn.ReLU(), nn.Sequential(), nn.MaxPool2d(2)]
+    plain.append(nn.DataParallel(nn.Linear(1, 1)))  # a generic class: typing.Generic is no module
     dependent = [nn.BatchNorm2d(1), nn.Dropout(), nn.InstanceNorm2d(1), nn.LSTM(1, 1), Custom()]
     assert [reads_training_mode(m) for m in plain] == [False] * len(plain)
     assert [reads_training_mode(m) for m in dependent] == [True] * len(dependent)
