@@ -5,8 +5,9 @@ Two networks, both trained here from a fixed seed: the small CNN on scikit-learn
 channels) on 64×64 crops of scikit-learn's two bundled photographs (10 region classes).
 The protocol is the paper's: patterns on the first part of the training data, ``v`` on the
 second, every score on held-out test data.  Each test asserts the claims its section
-prints; the ρ timing table and the example figures, which have nothing to assert, are
-made by ``python benchmarks/report.py``.
+prints; the example figures, which have nothing to assert, are made by
+``python benchmarks/report.py``.  ``pytest benchmarks -k speed_rho`` times ρ against a
+fitting pass on the same networks.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ from __future__ import annotations
 import pytest
 import torch
 from results import markdown_table
-from suite import ALL_METHODS, Config, Setup, explain_all, paper_setups, plot_degradation, plot_rho
-from torch import Tensor
+from suite import (
+    ALL_METHODS,
+    Config,
+    Setup,
+    explain_all,
+    paper_setups,
+    plot_degradation,
+    plot_rho,
+    timed,
+)
+from torch import Tensor, nn
 
+from captum_pattern import PatternFitter
 from captum_pattern.compare import METHODS
 from captum_pattern.metrics import (
     ESTIMATORS,
@@ -142,3 +153,93 @@ def _check_curves(name, s, images, intact, runs, baseline) -> None:
     assert runs[best].area < random_area, (name, best, runs[best].area, random_area)
     pattern_area = runs["PatternAttribution"].area
     assert pattern_area < random_area, (name, pattern_area, random_area)
+
+
+#: the share of a ρ call that its three timed phases (v pass, solve, eval pass) must cover
+PHASES_COVER = 0.8
+
+
+def test_speed_rho(setups, config, results):
+    """ρ (v pass + solve + evaluation pass) against one fitting pass over the same images,
+    with every position and with ``max_positions=16``."""
+    rows: list[list] = []
+    data: dict[str, dict] = {}
+    for name, s in setups.items():
+        counts = [min(config.speed_images, len(s.split1))]
+        if name == "VGG-style" and len(s.split1) > counts[0]:
+            counts.append(len(s.split1))  # the solve is a fixed cost: also on the whole split
+        for count in counts:
+            _rho_against_fit(name, s, s.split1[:count], config, rows, data)
+    header = [
+        "model",
+        "images",
+        "positions",
+        "forward s",
+        "fit s",
+        "ρ s",
+        "ρ / fit",
+        "ρ / fit (CPU time)",
+        "v pass",
+        "solve",
+        "eval pass",
+        "max |Δ mean ρ|",
+    ]
+    table = markdown_table(header, rows, digits=2)
+    note = (
+        "The same images for every pass. forward: one `no_grad` pass; fit: `PatternFitter` "
+        "with all three pattern types; ρ: every estimator, v pass + solve + evaluation pass "
+        "(each pass over those images, so ρ reads them twice); positions: every output "
+        "position of a convolution, or `max_positions=16` per image in both passes. Fastest of "
+        f"{config.speed_repeats} runs on a shared 2-core machine; v pass, solve and eval pass "
+        "split the fastest ρ run into its phases (asserted: they cover at least "
+        f"{PHASES_COVER:.0%} of its wall time). max |Δ mean ρ|: the largest difference of a "
+        "layer's mean ρ between the two position settings (in-sample: v, ρ and the patterns "
+        "all on these images, so this is no estimate of held-out ρ)."
+    )
+    results.add(
+        "speed_rho", "ρ evaluation time against a fitting pass", table + "\n\n" + note, data
+    )
+
+
+def _rho_against_fit(name: str, s: Setup, images: Tensor, config: Config, rows, data) -> None:
+    """One forward, one fit and ρ over ``images`` with every position and with 16 per image."""
+    batches = images.split(s.batch)
+    forward = timed(lambda: _forward_all(s.model, batches), config.speed_repeats)
+    fit = timed(lambda: PatternFitter(s.model).fit(batches), config.speed_repeats)
+    means = {}
+    for positions in (None, 16):
+        rho = timed(
+            lambda p=positions: signal_quality(
+                s.model, s.patterns, batches, batches, max_positions=p
+            ),
+            config.speed_repeats,
+        )
+        means[positions] = rho_means(rho.result)
+        parts = rho.result.seconds  # of the fastest run
+        assert PHASES_COVER * rho.wall <= sum(parts.values()) <= rho.wall, (name, parts)
+        shares = [parts[k] / sum(parts.values()) for k in ("v_pass", "solve", "eval_pass")]
+        label = "all" if positions is None else f"{positions} per image"
+        ratio, ratio_cpu = rho.wall / fit.wall, rho.cpu / fit.cpu
+        gap = max(
+            abs(means[positions][layer][e] - means[None][layer][e])
+            for layer in means[None]
+            for e in ESTIMATORS
+        )
+        timings = [forward.wall, fit.wall, rho.wall, ratio, ratio_cpu, *shares]
+        rows.append([name, len(images), label, *timings, gap])
+        data[f"{name} / {len(images)} images / {label}"] = {
+            "images": len(images),
+            "forward": forward.wall,
+            "fit": fit.wall,
+            "rho": rho.wall,
+            "ratio_wall": ratio,
+            "ratio_cpu": ratio_cpu,
+            "parts": parts,
+            "max_mean_rho_gap": gap,
+        }
+
+
+def _forward_all(model: nn.Module, batches: tuple[Tensor, ...]) -> None:
+    with torch.no_grad():
+        for b in batches:
+            model(b)
