@@ -28,6 +28,13 @@ __all__ = [
     "register_layer",
 ]
 
+#: Output positions per weight gradient in :meth:`LayerGeometry.patch_sums` on the CPU
+#: (whole images; one at least).  oneDNN adds a weight gradient's positions one after the
+#: other in float32, so the rounding error of its sums grows with their number: patterns
+#: of the first layers off by up to 2e-3 (relative, against a float64 fit) over batches of
+#: 32 images at 224 px (1.6 M positions per call), 1e-5 in pieces (``docs/performance.md``).
+SUM_POSITIONS = 1 << 16
+
 #: The ways :meth:`LayerGeometry.patch_sums` can compute a layer's sums.
 KERNELS: tuple[str, ...] = ("weight_grad", "weight_grad_cl", "unfold")
 
@@ -241,7 +248,15 @@ class LayerGeometry:
         if method == "weight_grad_cl":
             x = x.contiguous(memory_format=torch.channels_last)
             signals = signals.contiguous(memory_format=torch.channels_last)
-        return self._weight_grad(x, signals, self.weight_shape[1], self.groups)
+        positions = signals[0, 0].numel()
+        step = max(1, SUM_POSITIONS // max(1, positions)) if x.device.type == "cpu" else len(x)
+        total = self._weight_grad(x[:step], signals[:step], self.weight_shape[1], self.groups)
+        for i in range(step, len(x), step):
+            part = self._weight_grad(
+                x[i : i + step], signals[i : i + step], self.weight_shape[1], self.groups
+            )
+            total += part
+        return total
 
     @property
     def methods(self) -> tuple[str, ...]:
