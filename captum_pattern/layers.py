@@ -237,7 +237,9 @@ class LayerGeometry:
         convolution's weight gradient, no patches), ``"weight_grad_cl"`` (the
         same in channels-last memory format, Conv2d) or ``"unfold"`` (Conv2d:
         patches of a few images at a time, then one matrix product; can be
-        faster on small spatial maps).
+        faster on small spatial maps).  On the CPU the weight gradients run in
+        pieces of whole images of at most :data:`SUM_POSITIONS` output
+        positions, for accurate float32 sums.
         """
         if self.spatial_dims == 0:
             return signals.T @ x
