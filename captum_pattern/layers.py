@@ -251,7 +251,7 @@ class LayerGeometry:
             x = x.contiguous(memory_format=torch.channels_last)
             signals = signals.contiguous(memory_format=torch.channels_last)
         positions = signals[0, 0].numel()
-        step = max(1, SUM_POSITIONS // max(1, positions)) if x.device.type == "cpu" else len(x)
+        step = max(1, SUM_POSITIONS // max(1, positions) if x.device.type == "cpu" else len(x))
         total = self._weight_grad(x[:step], signals[:step], self.weight_shape[1], self.groups)
         for i in range(step, len(x), step):
             part = self._weight_grad(
