@@ -345,8 +345,9 @@ class PatternStatistics:
         - the regime (all samples, ``g = 1``, ``g = 0``) holds fewer than
           ``min_samples`` samples (counts are exact);
         - the regime's denominator ``wᵀ(Σ x·y − Σ x·ȳ)`` is at most ``rtol``
-          times its ``Σ y²`` (default ``(64 eps)²`` of float32: the output does
-          not vary there);
+          times its ``Σ y² + count·y_ref²`` (default ``(64 eps)²`` of float32: the
+          output does not vary there; ``y_ref``, the centring reference, sets the
+          size of the sums' rounding where the regime's outputs are all 0);
         - for ``"relu_negative"``, whose sums are those of all samples minus
           those of the open gate, the denominator is at most ``empty_rtol``
           times the linear denominator ``Σ (y − ȳ)²``: what is left is
@@ -495,14 +496,19 @@ class _Solve:
         n_pos = st.scalars["n_pos"].reshape(shape)[:, rows]
         counts = {"relu": n_pos, "linear": st.n.expand_as(n_pos), "relu_negative": st.n - n_pos}
         denom = denominators[kind]
+        # the sums are centred on y_ref: their rounding residue scales with Σ (y − y_ref)²,
+        # at most 2·(Σ y² + count·y_ref²), not with Σ y² alone (which is residue too where
+        # the regime's y are all 0)
+        offset = st.y_ref.reshape(shape)[:, rows].square()
         if kind == "relu_negative":  # a difference of sums: its own Σ y² is one too
             linear = denominators["linear"]
             # wᵀN = Σ y·(y − ȳ) in the regime, so Σ y² = wᵀN + ȳ·Σ y there
             scale = linear + my * self.sums_y["linear"].reshape(shape)[:, rows]
+            scale = scale + counts["linear"] * offset
             ok = (linear > self.rtol * scale) & (denom.abs() > self.empty_rtol * linear)
         else:
             scale = denom + my * self.sums_y[kind].reshape(shape)[:, rows]
-            ok = (denom.abs() > self.rtol * scale) & (scale > 0)
+            ok = (denom.abs() > self.rtol * (scale + counts[kind] * offset)) & (scale > 0)
         return ok & (counts[kind] >= self.min_samples) & torch.isfinite(denom)
 
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -203,6 +203,17 @@ def degenerate_cases(draw):
 
 
 @given(degenerate_cases())
+@example(  # a neuron whose open gate only sees x = 0 (so y = 0): once solved from residue
+    (
+        torch.tensor(
+            [[1.0, 0], [1, 1], [0, 1], [1, 1], [0, 0], [0, 1], [0, 0], [0, 0], [0, 0]]
+        ).double(),
+        2,
+        "random",
+        9,
+        0,
+    )
+)
 def test_degenerate_data_gives_finite_patterns_with_zeros_reported(case):
     x, out, bias_mode, batch, seed = case
     torch.manual_seed(seed)
